@@ -1,0 +1,1 @@
+"""Evaluation: MLLM judge (PF / SC / Overall), DINO / CLIP-I / CLIP-T, reports."""

@@ -1,0 +1,388 @@
+"""Evaluation outputs: per-sample JSONL, a Table-1-style summary (Markdown + CSV), an HTML page.
+
+The summary reproduces the paper's Table 1 layout (Method | PF | SC | Overall | DINO |
+CLIP-I | CLIP-T, three decimals) so our runs can be laid next to the published rows. A
+metric that was skipped (weights not available offline, judge unreachable) is written
+as "—", never as 0, so a missing number cannot be mistaken for a bad one.
+
+The HTML page embeds every image as a base64 PNG thumbnail: one file that can be copied,
+attached as an MLflow artifact or mailed without its image folder and still shows
+everything. ``embed=False`` writes relative links instead, for very large runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from evaluation.aggregate import overall_per_sample
+
+# (key in scores, column title) in the order of the paper's Table 1
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("pf", "PF"),
+    ("sc", "SC"),
+    ("overall", "Overall"),
+    ("dino", "DINO"),
+    ("clip_i", "CLIP-I"),
+    ("clip_t", "CLIP-T"),
+)
+MISSING = "—"
+
+
+@dataclass
+class SampleResult:
+    """Everything recorded about one evaluated sample; image fields are paths, so the record is plain JSON.
+
+    ``scores`` maps a metric key (see :data:`COLUMNS`) to its value, or ``None`` when that
+    metric failed or was skipped for this sample (a failure is recorded, never turned
+    into a number). ``details`` holds whatever explains the scores (judge reasoning,
+    per-subject proxy scores, error messages).
+    """
+
+    key: str
+    instruction: str
+    scores: dict[str, float | None]
+    task_type: str = "default"
+    generated: str | None = None
+    references: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "task_type": self.task_type,
+            "instruction": self.instruction,
+            "scores": {k: _finite_or_none(v) for k, v in self.scores.items()},
+            "generated": self.generated,
+            "references": list(self.references),
+            "details": self.details,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> SampleResult:
+        return cls(
+            key=str(obj["key"]),
+            instruction=str(obj.get("instruction", "")),
+            scores={k: None if v is None else float(v) for k, v in dict(obj.get("scores", {})).items()},
+            task_type=str(obj.get("task_type", "default")),
+            generated=obj.get("generated"),
+            references=list(obj.get("references", [])),
+            details=dict(obj.get("details", {})),
+        )
+
+
+def _finite_or_none(v: float | None) -> float | None:
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+# --------------------------------------------------------------------------- per-sample results
+
+
+def write_results_jsonl(path: str | os.PathLike[str], results: Iterable[SampleResult]) -> Path:
+    """One JSON object per line, NaN written as null, so any JSON reader (and ``jq``) can consume it."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as f:
+        for r in results:
+            f.write(json.dumps(r.to_json(), ensure_ascii=False, allow_nan=False) + "\n")
+    return out
+
+
+def read_results_jsonl(path: str | os.PathLike[str]) -> list[SampleResult]:
+    """Inverse of :func:`write_results_jsonl`; lets a summary be rebuilt without re-running the evaluation."""
+    with Path(path).open(encoding="utf-8") as f:
+        return [SampleResult.from_json(json.loads(line)) for line in f if line.strip()]
+
+
+def save_image(image: Image.Image, out_dir: str | os.PathLike[str], name: str) -> str:
+    """Write ``image`` as PNG under ``out_dir`` and return its path relative to ``out_dir`` (for the JSONL)."""
+    root = Path(out_dir)
+    target = root / f"{name}.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    image.save(target, format="PNG")
+    return target.relative_to(root).as_posix()
+
+
+# --------------------------------------------------------------------------- summary
+
+
+@dataclass
+class RunSummary:
+    """One row of the summary table, with how many samples each number rests on."""
+
+    method: str
+    metrics: dict[str, float | None]
+    coverage: dict[str, tuple[int, int]] = field(default_factory=dict)  # metric -> (valid, total)
+    skipped: dict[str, str] = field(default_factory=dict)  # metric -> why it was not computed
+
+    @classmethod
+    def from_aggregate(
+        cls,
+        method: str,
+        judge_summary: Mapping[str, Any] | None,
+        embedding: Mapping[str, float | None] | None = None,
+        skipped: Mapping[str, str] | None = None,
+    ) -> RunSummary:
+        """A table row from ``evaluation.aggregate.summarize`` (judge PF / SC / Overall) plus metric values.
+
+        ``embedding`` holds computed DINO / CLIP-I / CLIP-T means keyed ``dino``,
+        ``clip_i``, ``clip_t``; anything in ``skipped`` or absent renders as "—".
+        """
+        metrics: dict[str, float | None] = {k: None for k, _ in COLUMNS}
+        coverage: dict[str, tuple[int, int]] = {}
+        if judge_summary is not None:
+            n = int(judge_summary.get("n", 0))
+            scored = (judge_summary.get("pooled") or {}).get("scored", {})
+            for key, name in (("pf", "PF"), ("sc", "SC"), ("overall", "Overall")):
+                metrics[key] = _finite_or_none(judge_summary.get(name))
+                if name in scored:
+                    coverage[key] = (int(scored[name]), n)
+        for key, value in (embedding or {}).items():
+            if key not in metrics:
+                raise ValueError(f"unknown metric {key!r}; expected one of {[k for k, _ in COLUMNS]}")
+            metrics[key] = _finite_or_none(value)
+        skipped = dict(skipped or {})
+        for key in skipped:
+            metrics[key] = None
+        return cls(method=method, metrics=metrics, coverage=coverage, skipped=skipped)
+
+
+def summarise(
+    method: str,
+    results: Sequence[SampleResult],
+    skipped: Mapping[str, str] | None = None,
+    by_task_type: bool = True,
+) -> RunSummary:
+    """Means over samples, per task type first and then unweighted over task types (as OmniContext reports).
+
+    Overall per sample is sqrt(PF * SC) when not given; the reported Overall is the mean
+    of those, not sqrt(mean PF * mean SC) (DESIGN Sec. 8: Table 1's 7.568 only fits the
+    former). Samples whose score is None (failed judge call) are left out of that
+    metric's mean and counted in ``coverage``; a metric in ``skipped`` is None.
+    """
+    skipped = dict(skipped or {})
+    per_metric: dict[str, dict[str, list[float]]] = {k: {} for k, _ in COLUMNS}
+    for r in results:
+        scores = dict(r.scores)
+        if scores.get("overall") is None and scores.get("pf") is not None and scores.get("sc") is not None:
+            scores["overall"] = overall_per_sample(float(scores["pf"]), float(scores["sc"]))
+        group = r.task_type if by_task_type else "all"
+        for key, _ in COLUMNS:
+            v = _finite_or_none(scores.get(key))
+            bucket = per_metric[key].setdefault(group, [])
+            if v is not None:
+                bucket.append(v)
+    metrics: dict[str, float | None] = {}
+    coverage: dict[str, tuple[int, int]] = {}
+    for key, _ in COLUMNS:
+        groups = {g: vals for g, vals in per_metric[key].items() if vals}
+        coverage[key] = (sum(len(v) for v in groups.values()), len(results))
+        if key in skipped or not groups:
+            metrics[key] = None
+        else:
+            metrics[key] = sum(sum(v) / len(v) for v in groups.values()) / len(groups)
+    return RunSummary(method=method, metrics=metrics, coverage=coverage, skipped=skipped)
+
+
+def _cell(v: float | None) -> str:
+    v = _finite_or_none(v)
+    return MISSING if v is None else f"{v:.3f}"
+
+
+def format_markdown_table(rows: Sequence[RunSummary]) -> str:
+    """Table 1 as GitHub Markdown: one row per run, "—" where a metric was not computed."""
+    header = "| Method | " + " | ".join(title for _, title in COLUMNS) + " |"
+    sep = "|---|" + "|".join("---:" for _ in COLUMNS) + "|"
+    lines = [header, sep]
+    for row in rows:
+        name = row.method.replace("|", "\\|")
+        lines.append(f"| {name} | " + " | ".join(_cell(row.metrics.get(k)) for k, _ in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_markdown_table(text: str) -> dict[str, dict[str, float | None]]:
+    """Read a table written by :func:`format_markdown_table` back into numbers (None for "—")."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("|")]
+    if len(lines) < 2:
+        raise ValueError("no Markdown table found")
+    titles = [c.strip() for c in _split_row(lines[0])]
+    by_title = {title: key for key, title in COLUMNS}
+    out: dict[str, dict[str, float | None]] = {}
+    for line in lines[2:]:
+        cells = [c.strip() for c in _split_row(line)]
+        if len(cells) != len(titles):
+            raise ValueError(f"row {line!r} has {len(cells)} cells, header has {len(titles)}")
+        method = cells[0].replace("\\|", "|")
+        out[method] = {
+            by_title[t]: (None if c == MISSING else float(c))
+            for t, c in zip(titles[1:], cells[1:], strict=True)
+        }
+    return out
+
+
+def _split_row(line: str) -> list[str]:
+    body = line.strip()[1:-1]
+    cells, cur, i = [], "", 0
+    while i < len(body):
+        if body[i] == "\\" and i + 1 < len(body) and body[i + 1] == "|":
+            cur += "\\|"
+            i += 2
+            continue
+        if body[i] == "|":
+            cells.append(cur)
+            cur = ""
+        else:
+            cur += body[i]
+        i += 1
+    cells.append(cur)
+    return cells
+
+
+def write_summary_tables(out_stem: str | os.PathLike[str], rows: Sequence[RunSummary]) -> tuple[Path, Path]:
+    """Write ``<stem>.md`` and ``<stem>.csv`` (UTF-8, same cells, "—" for a skipped metric)."""
+    stem = Path(out_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    md = stem.with_suffix(".md")
+    md.write_text(format_markdown_table(rows), encoding="utf-8")
+    csv_path = stem.with_suffix(".csv")
+    with csv_path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Method", *(title for _, title in COLUMNS)])
+        for row in rows:
+            writer.writerow([row.method, *(_cell(row.metrics.get(k)) for k, _ in COLUMNS)])
+    return md, csv_path
+
+
+def write_summary_json(path: str | os.PathLike[str], rows: Sequence[RunSummary]) -> Path:
+    """The numbers behind the table plus coverage and skip reasons, which the table has no room for."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = [
+        {
+            "method": r.method,
+            "metrics": {k: _finite_or_none(v) for k, v in r.metrics.items()},
+            "coverage": {k: {"valid": v[0], "total": v[1]} for k, v in r.coverage.items()},
+            "skipped": r.skipped,
+        }
+        for r in rows
+    ]
+    out.write_text(json.dumps(payload, indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8")
+    return out
+
+
+# --------------------------------------------------------------------------- HTML
+
+
+def _thumbnail_data_uri(path: Path, max_side: int) -> str:
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _img_tag(rel: str | None, root: Path, html_dir: Path, caption: str, embed: bool, max_side: int) -> str:
+    cap = html.escape(caption)
+    if not rel:
+        return f'<figure class="missing"><figcaption>{cap}: none</figcaption></figure>'
+    src_path = Path(rel) if Path(rel).is_absolute() else root / rel
+    if not src_path.is_file():
+        return f'<figure class="missing"><figcaption>{cap}: missing {html.escape(str(rel))}</figcaption></figure>'
+    if embed:
+        src = _thumbnail_data_uri(src_path, max_side)
+    else:
+        src = Path(os.path.relpath(src_path.resolve(), html_dir.resolve())).as_posix()
+    return (
+        f'<figure><img src="{html.escape(src, quote=True)}" alt="{cap}" style="max-width:{max_side}px;'
+        f'max-height:{max_side}px"><figcaption>{cap}</figcaption></figure>'
+    )
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+table.summary{border-collapse:collapse;margin-bottom:1.5em}
+table.summary td,table.summary th{border:1px solid #bbb;padding:.25em .6em;text-align:right}
+table.summary td:first-child,table.summary th:first-child{text-align:left}
+section.sample{border-top:1px solid #ccc;padding:.8em 0}
+.images{display:flex;flex-wrap:wrap;gap:.6em;align-items:flex-end}
+figure{margin:0;text-align:center;font-size:.8em}
+figure.gen img{outline:3px solid #2a7}
+figure.missing{color:#a33}
+.instruction{max-width:60em;white-space:pre-wrap}
+table.scores td{padding:0 .6em 0 0}
+"""
+
+
+def write_html(
+    path: str | os.PathLike[str],
+    results: Sequence[SampleResult],
+    image_root: str | os.PathLike[str] | None = None,
+    title: str = "CAG evaluation",
+    summary: Sequence[RunSummary] = (),
+    embed: bool = True,
+    thumb_size: int = 192,
+) -> Path:
+    """One page: the summary table, then per sample its references, the generated image, the instruction and scores.
+
+    Image paths in the results are relative to ``image_root`` (default: the page's
+    folder). Thumbnails are at most ``thumb_size`` pixels on their long side, which keeps
+    a 300-sample page to a few tens of megabytes.
+    """
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    root = Path(image_root) if image_root is not None else out.parent
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    if summary:
+        parts.append('<table class="summary"><tr><th>Method</th>')
+        parts.append("".join(f"<th>{html.escape(t)}</th>" for _, t in COLUMNS) + "</tr>")
+        for row in summary:
+            cells = "".join(f"<td>{_cell(row.metrics.get(k))}</td>" for k, _ in COLUMNS)
+            parts.append(f"<tr><td>{html.escape(row.method)}</td>{cells}</tr>")
+        parts.append("</table>")
+    for r in results:
+        anchor = html.escape(r.key, quote=True)
+        parts.append(f'<section class="sample" id="{anchor}"><h2>{html.escape(r.key)}</h2>')
+        parts.append(f"<p>task type: {html.escape(r.task_type)}</p>")
+        parts.append('<div class="images">')
+        for k, ref in enumerate(r.references, start=1):
+            parts.append(_img_tag(ref, root, out.parent, f"Fig.{k}", embed, thumb_size))
+        parts.append(
+            _img_tag(r.generated, root, out.parent, "generated", embed, thumb_size).replace(
+                "<figure>", '<figure class="gen">', 1
+            )
+        )
+        parts.append("</div>")
+        parts.append(f'<p class="instruction">{html.escape(r.instruction)}</p>')
+        rows = "".join(
+            f"<tr><td>{html.escape(title)}</td><td>{_cell(r.scores.get(key))}</td></tr>"
+            for key, title in COLUMNS
+            if key in r.scores
+        )
+        parts.append(f'<table class="scores">{rows}</table>')
+        if r.details:
+            details = html.escape(json.dumps(r.details, indent=1, ensure_ascii=False, default=str))
+            parts.append(f"<details><summary>details</summary><pre>{details}</pre></details>")
+        parts.append("</section>")
+    parts.append("</body></html>")
+    out.write_text("\n".join(parts), encoding="utf-8")
+    return out

@@ -1,0 +1,1 @@
+"""Samples, synthetic benchmark, shards and the Lightning data module."""

@@ -1,0 +1,226 @@
+"""LightningDataModule: synthetic, shard or manifest samples -> model-ready batches.
+
+Resize policy: every image is centre-cropped to a square and resized (bicubic) to
+``image_size``; references for the VLM are resized to ``vlm_image_size``. Batches are
+bucketed by the number of references, because one batch shares one RoPE layout
+(diffusers' QwenEmbedRope takes one image-shape list per batch).
+
+Training streams are infinite and cut into epochs of ``epoch_batches`` batches per rank,
+so every DDP rank runs the same number of steps (webdataset's ``with_epoch`` idea, here
+applied after bucketing). Validation is a deterministic single pass.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from cag.data.sample import GroundingError, Sample
+from cag.utils.plain import plain
+
+log = logging.getLogger(__name__)
+
+DATA_SOURCES = ("synthetic", "shards", "manifest")
+
+
+def square(image: Image.Image, size: int) -> Image.Image:
+    """Centre-crop to a square, then resize: the platform's one resize policy."""
+    w, h = image.size
+    s = min(w, h)
+    if (w, h) != (s, s):
+        left, top = (w - s) // 2, (h - s) // 2
+        image = image.crop((left, top, left + s, top + s))
+    image = image.convert("RGB")
+    return image if image.size == (size, size) else image.resize((size, size), Image.BICUBIC)
+
+
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    """uint8 RGB -> float ``[3, H, W]`` in [-1, 1]."""
+    arr = np.asarray(image, dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def to_image(pixels: torch.Tensor) -> Image.Image:
+    """float ``[3, H, W]`` in [-1, 1] -> uint8 RGB image."""
+    arr = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+def collate(samples: list[Sample], image_size: int, vlm_image_size: int) -> dict[str, Any]:
+    """Samples with the same number of references -> the batch dict :meth:`CAGModel.training_loss` reads."""
+    n_refs = {len(s.references) for s in samples}
+    if len(n_refs) != 1:
+        raise ValueError(f"a batch needs one reference count, got {sorted(n_refs)} (keys {[s.key for s in samples]})")
+    n = n_refs.pop()
+    batch: dict[str, Any] = {
+        "keys": [s.key for s in samples],
+        "instructions": [s.instruction for s in samples],
+        "groundings": [list(s.groundings) for s in samples],
+        "task_types": [s.task_type for s in samples],
+        "vlm_references": [[square(r, vlm_image_size) for r in s.references] for s in samples],
+        "ref_pixels": [torch.stack([to_pixels(square(s.references[k], image_size)) for s in samples]) for k in range(n)],
+    }
+    if all(s.target is not None for s in samples):
+        batch["target_pixels"] = torch.stack([to_pixels(square(s.target, image_size)) for s in samples])
+    return batch
+
+
+def bucket_batches(samples: Iterable[Sample], batch_size: int, drop_last: bool) -> Iterator[list[Sample]]:
+    """Group consecutive samples by reference count into batches of ``batch_size``."""
+    buckets: dict[int, list[Sample]] = {}
+    for s in samples:
+        b = buckets.setdefault(len(s.references), [])
+        b.append(s)
+        if len(b) == batch_size:
+            yield b
+            buckets[len(s.references)] = []
+    if not drop_last:
+        for b in buckets.values():
+            if b:
+                yield b
+
+
+def _shard_index() -> tuple[int, int]:
+    """(this reader's index, number of readers) over DDP ranks x DataLoader workers."""
+    rank = int(torch.distributed.get_rank()) if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    world = int(torch.distributed.get_world_size()) if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+    info = get_worker_info()
+    wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+    return rank * nw + wid, world * nw
+
+
+class SampleStream(IterableDataset):
+    """Yields collated batches; each rank x worker reads a disjoint part of the source."""
+
+    def __init__(self, dm: CAGDataModule, split: str, train: bool) -> None:
+        super().__init__()
+        self.dm, self.split, self.train = dm, split, train
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning each epoch so the shuffled order differs per epoch yet is reproducible."""
+        self.epoch = epoch
+
+    def _samples(self) -> Iterator[Sample]:
+        dm = self.dm
+        me, readers = _shard_index()
+        if dm.source == "synthetic":
+            from cag.data.synthetic import SyntheticConfig, generate_sample
+
+            cfg = SyntheticConfig(**dm.synthetic)
+            n = dm.train_samples if self.train else dm.val_samples
+            if self.train:
+                rng = random.Random(dm.seed * 1000 + self.epoch)
+                order = itertools.chain.from_iterable(rng.sample(range(n), n) for _ in itertools.count())
+            else:
+                order = iter(range(n))
+            for j, i in enumerate(order):
+                if j % readers == me:
+                    yield generate_sample(self.split, i, cfg)
+        elif dm.source == "shards":
+            from cag.data.shards import iter_shard_samples
+
+            urls = dm.urls if self.train else dm.val_urls
+            yield from iter_shard_samples(
+                urls,
+                resampled=self.train,
+                shuffle=dm.shuffle_buffer if self.train else 0,
+                split_by_node=True,
+                split_by_worker=True,
+                on_error=dm.record_skip,
+            )
+        else:  # manifest: validated up front in setup()
+            samples = dm.manifest_samples
+            if self.train:
+                rng = random.Random(dm.seed * 1000 + self.epoch)
+                order = itertools.chain.from_iterable(rng.sample(range(len(samples)), len(samples)) for _ in itertools.count())
+            else:
+                order = iter(range(len(samples)))
+            for j, i in enumerate(order):
+                if j % readers == me:
+                    yield samples[i]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        dm = self.dm
+        batches = bucket_batches(self._samples(), dm.batch_size, drop_last=self.train)
+        if self.train:
+            batches = itertools.islice(batches, max(1, dm.epoch_batches // max(1, dm.num_workers)))
+        for b in batches:
+            yield collate(b, dm.image_size, dm.vlm_image_size)
+
+
+class CAGDataModule(L.LightningDataModule):
+    """Data for training/validation; ``source`` = synthetic (default), shards, or manifest."""
+
+    def __init__(
+        self,
+        source: str = "synthetic",
+        image_size: int = 64,
+        vlm_image_size: int = 64,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        epoch_batches: int = 100,
+        seed: int = 0,
+        train_samples: int = 512,
+        val_samples: int = 16,
+        synthetic: dict[str, Any] | None = None,
+        urls: str | list[str] | None = None,
+        val_urls: str | list[str] | None = None,
+        shuffle_buffer: int = 256,
+        manifest: str | None = None,
+        val_manifest: str | None = None,
+    ) -> None:
+        super().__init__()
+        if source not in DATA_SOURCES:
+            raise ValueError(f"data.source={source!r} is not one of {DATA_SOURCES}")
+        if source == "shards" and not urls:
+            raise ValueError("data.source=shards needs data.urls (e.g. data/shards/train/shard-{000000..000003}.tar)")
+        if source == "manifest" and not manifest:
+            raise ValueError("data.source=manifest needs data.manifest (a JSONL file)")
+        self.source = source
+        self.image_size, self.vlm_image_size = image_size, vlm_image_size
+        self.batch_size, self.num_workers, self.epoch_batches = batch_size, num_workers, epoch_batches
+        self.seed, self.train_samples, self.val_samples = seed, train_samples, val_samples
+        self.synthetic = plain(synthetic or {})
+        self.urls, self.val_urls = urls, val_urls or urls
+        self.shuffle_buffer = shuffle_buffer
+        self.manifest, self.val_manifest = manifest, val_manifest
+        self.manifest_samples: list[Sample] = []
+        self.skipped: list[tuple[str, str, str]] = []
+
+    def record_skip(self, shard: str, key: str, reason: str) -> None:
+        self.skipped.append((shard, key, reason))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.source == "manifest" and not self.manifest_samples:
+            from cag.data.manifest import read_manifest
+
+            self.manifest_samples = list(read_manifest(self.manifest))
+            for s in self.manifest_samples:
+                try:
+                    s.validate()
+                except GroundingError as exc:
+                    raise GroundingError(f"{self.manifest}: {exc}") from exc
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        return DataLoader(
+            SampleStream(self, split, train),
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val" if self.source == "synthetic" else "train", False)

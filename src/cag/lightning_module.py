@@ -1,0 +1,133 @@
+"""Lightning wrapper: one training step, one validation step, the optimizer. Nothing else.
+
+Checkpoints hold only what trains (the DiT): the frozen VLM and codec are rebuilt from
+the model config, which the checkpoint also stores, so a checkpoint of another model
+config is refused by name instead of half-loading.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from diffusers.optimization import get_scheduler
+from omegaconf import DictConfig, OmegaConf
+
+from cag.models.cag_model import CAGModel, build_cag_model
+
+TRAINABLE_PREFIX = "model.transformer."
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint whose model config or weights do not fit the model being built."""
+
+
+def _container(cfg: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+class CAGLightningModule(L.LightningModule):
+    def __init__(
+        self,
+        model: dict[str, Any],
+        optim: dict[str, Any],
+        loss: dict[str, Any] | None = None,
+        attention: str = "masked",
+        ref_positions: str = "offset",
+        vae_dropout: float = 0.5,
+        text_dropout: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        model, optim, loss = _container(model), _container(optim), _container(loss or {})
+        self.save_hyperparameters(
+            {"model": model, "optim": optim, "loss": loss, "attention": attention, "ref_positions": ref_positions,
+             "vae_dropout": vae_dropout, "text_dropout": text_dropout, "seed": seed}
+        )
+        self.model: CAGModel = build_cag_model(OmegaConf.create(model), attention=attention, ref_positions=ref_positions, seed=seed)
+        self.vae_dropout, self.text_dropout = float(vae_dropout), float(text_dropout)
+        self.loss_cfg = loss
+        self._step_start = 0.0
+
+    # -------------------------------------------------------------- checkpoint contents
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        full = super().state_dict(*args, **kwargs)
+        return {k: v for k, v in full.items() if k.startswith(TRAINABLE_PREFIX)}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):  # type: ignore[override]
+        expected = set(self.state_dict())
+        got = set(state_dict)
+        if strict and expected != got:
+            missing, unexpected = sorted(expected - got)[:5], sorted(got - expected)[:5]
+            raise CheckpointMismatchError(
+                f"checkpoint weights do not fit this model: missing {missing}, unexpected {unexpected}"
+            )
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters", {}).get("model")
+        mine = self.hparams["model"]
+        if saved is not None and _arch(saved) != _arch(mine):
+            raise CheckpointMismatchError(
+                f"checkpoint was trained with model config {saved.get('name')!r} {_arch(saved)}; "
+                f"this run builds {mine.get('name')!r} {_arch(mine)}"
+            )
+
+    # -------------------------------------------------------------- steps
+    def transfer_batch_to_device(self, batch: dict[str, Any], device: torch.device, dataloader_idx: int) -> dict[str, Any]:
+        """Only pixel tensors travel; PIL images and groundings stay on the host for the VLM processor."""
+        out = dict(batch)
+        out["ref_pixels"] = [p.to(device) for p in batch["ref_pixels"]]
+        if "target_pixels" in batch:
+            out["target_pixels"] = batch["target_pixels"].to(device)
+        return out
+
+    def on_train_epoch_start(self) -> None:
+        ds = getattr(self.trainer.train_dataloader, "dataset", None)
+        if hasattr(ds, "set_epoch"):
+            ds.set_epoch(self.current_epoch)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, info = self.model.training_loss(batch, vae_dropout=self.vae_dropout, text_dropout=self.text_dropout, **self.loss_cfg)
+        bsz = batch["target_pixels"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bsz)
+        for k, v in info.items():
+            self.log(f"train/{k}", v, batch_size=bsz)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.log("train/step_time_s", time.perf_counter() - self._step_start, batch_size=1)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        # fixed noise/timesteps per batch so val/loss is comparable across evaluations
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(10_000 + batch_idx)
+            loss, _ = self.model.training_loss(batch, vae_dropout=0.0, text_dropout=0.0, **self.loss_cfg)
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["target_pixels"].shape[0], sync_dist=True)
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.hparams["optim"]
+        params = [p for p in self.model.transformer.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=float(o["lr"]), betas=tuple(o.get("betas", (0.9, 0.999))),
+                                weight_decay=float(o.get("weight_decay", 0.0)), eps=float(o.get("eps", 1e-8)))
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps and self.trainer.max_steps > 0 else 10_000
+        sched = get_scheduler(o.get("scheduler", "constant_with_warmup"), opt,
+                              num_warmup_steps=int(o.get("warmup_steps", 0)), num_training_steps=total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _arch(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a model config that decide the shapes of the trainable weights."""
+    return {
+        "source": model_cfg.get("source"),
+        "transformer": model_cfg.get("transformer"),
+        "codec": model_cfg.get("codec"),
+        "vlm_text": (model_cfg.get("vlm") or {}).get("text"),
+    }

@@ -1,0 +1,161 @@
+"""Correspondence-aware masked attention (paper Sec. 3.4, eq. 9).
+
+Every query row of a grounded phrase token may attend only to: the instruction text
+tokens, the target latent tokens, and the latent tokens of its reference that fall in its
+box. All other rows attend as in the stock model (padding excluded everywhere).
+
+Softmax rows are independent, so the exact masked result is: stock attention for all rows
+(fastest kernel, no per-row mask), then the few phrase rows recomputed with their own
+mask and written back. The ``[B, P, L]`` phrase mask is built once per step by
+:mod:`cag.models.layout` and reaches every layer through ``attention_kwargs``. The dense
+``[B, 1, L, L]`` form is kept as the test reference and the benchmark baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+from torch import nn
+
+ATTENTION_MODES = ("full", "masked")
+
+
+@dataclass
+class PhraseRowMask:
+    """Which joint-sequence rows are phrase tokens, and what each may see.
+
+    ``rows[b, p]``: joint index of phrase row p of sample b; ``valid[b, p]`` marks real rows
+    (samples have different phrase counts); ``allowed[b, p, :]`` is the key mask of that
+    row (padded rows get the key-padding mask so the softmax stays finite).
+    ``key_padding[b, :]`` is True for every real key.
+    """
+
+    rows: torch.Tensor  # [B, P] long
+    valid: torch.Tensor  # [B, P] bool
+    allowed: torch.Tensor  # [B, P, L] bool
+    key_padding: torch.Tensor  # [B, L] bool
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.valid.sum())
+
+    def to(self, device: torch.device) -> PhraseRowMask:
+        return PhraseRowMask(self.rows.to(device), self.valid.to(device), self.allowed.to(device), self.key_padding.to(device))
+
+    def dense(self) -> torch.Tensor:
+        """The full ``[B, 1, L, L]`` boolean mask (reference implementation and benchmark baseline)."""
+        b, length = self.key_padding.shape
+        mask = self.key_padding[:, None, :].expand(b, length, length).clone()
+        bi, pi = self.valid.nonzero(as_tuple=True)
+        mask[bi, self.rows[bi, pi]] = self.allowed[bi, pi]
+        return mask[:, None]
+
+    def apply(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Recompute the phrase rows of ``out`` (all tensors ``[B, L, H, D]``) under their masks."""
+        if self.num_rows == 0:
+            return out
+        b, p = self.rows.shape
+        h, d = query.shape[2], query.shape[3]
+        q = query.gather(1, self.rows[:, :, None, None].expand(b, p, h, d))
+        rows_out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=self.allowed[:, None]
+        ).transpose(1, 2)
+        bi, pi = self.valid.nonzero(as_tuple=True)
+        return out.index_put((bi, self.rows[bi, pi]), rows_out[bi, pi].to(out.dtype))
+
+
+class CAGAttnProcessor:
+    """Drop-in for diffusers' ``QwenDoubleStreamAttnProcessor2_0`` that honours a :class:`PhraseRowMask`.
+
+    ``cag_mask=None`` gives exactly the stock computation, so one processor serves
+    ``attention=full`` and ``attention=masked``. ``dense=True`` applies the same rule through
+    a dense mask (slow; for tests and the benchmark).
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, dense: bool = False) -> None:
+        self.dense = dense
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cag_mask: PhraseRowMask | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if encoder_hidden_states is None:
+            raise ValueError("CAGAttnProcessor needs encoder_hidden_states (the text stream)")
+        if attention_mask is not None:
+            raise ValueError("pass padding as encoder_hidden_states_mask and phrase masks as cag_mask, not attention_mask")
+
+        padding_mask = None
+        if encoder_hidden_states_mask is not None:
+            image_mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+            padding_mask = torch.cat([encoder_hidden_states_mask.bool(), image_mask], dim=1)[:, None, None, :]
+
+        seq_txt = encoder_hidden_states.shape[1]
+        head_dim = attn.inner_dim // attn.heads
+        img_q = attn.to_q(hidden_states).unflatten(-1, (-1, head_dim))
+        img_k = attn.to_k(hidden_states).unflatten(-1, (-1, head_dim))
+        img_v = attn.to_v(hidden_states).unflatten(-1, (-1, head_dim))
+        txt_q = attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+        txt_k = attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+        txt_v = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+        if attn.norm_q is not None:
+            img_q = attn.norm_q(img_q)
+        if attn.norm_k is not None:
+            img_k = attn.norm_k(img_k)
+        if attn.norm_added_q is not None:
+            txt_q = attn.norm_added_q(txt_q)
+        if attn.norm_added_k is not None:
+            txt_k = attn.norm_added_k(txt_k)
+        if image_rotary_emb is not None:
+            img_freqs, txt_freqs = image_rotary_emb
+            img_q = apply_rotary_emb_qwen(img_q, img_freqs, use_real=False)
+            img_k = apply_rotary_emb_qwen(img_k, img_freqs, use_real=False)
+            txt_q = apply_rotary_emb_qwen(txt_q, txt_freqs, use_real=False)
+            txt_k = apply_rotary_emb_qwen(txt_k, txt_freqs, use_real=False)
+
+        query = torch.cat([txt_q, img_q], dim=1)
+        key = torch.cat([txt_k, img_k], dim=1)
+        value = torch.cat([txt_v, img_v], dim=1)
+
+        if self.dense and cag_mask is not None:
+            out = F.scaled_dot_product_attention(
+                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=cag_mask.dense()
+            ).transpose(1, 2)
+        else:
+            out = dispatch_attention_fn(
+                query,
+                key,
+                value,
+                attn_mask=padding_mask,
+                dropout_p=0.0,
+                is_causal=False,
+                backend=self._attention_backend,
+                parallel_config=self._parallel_config,
+            )
+            if cag_mask is not None:
+                out = cag_mask.apply(query, key, value, out)
+
+        out = out.flatten(2, 3).to(query.dtype)
+        txt_out, img_out = out[:, :seq_txt], out[:, seq_txt:]
+        img_out = attn.to_out[0](img_out.contiguous())
+        if len(attn.to_out) > 1:
+            img_out = attn.to_out[1](img_out)
+        txt_out = attn.to_add_out(txt_out.contiguous())
+        return img_out, txt_out
+
+
+def install_cag_attention(transformer: nn.Module, dense: bool = False) -> None:
+    """Put :class:`CAGAttnProcessor` on every joint-attention layer (``set_attn_processor`` is diffusers' hook)."""
+    transformer.set_attn_processor(CAGAttnProcessor(dense=dense))

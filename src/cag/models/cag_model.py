@@ -1,0 +1,237 @@
+"""The CAG model: diffusers' QwenImage MMDiT + frozen Qwen2.5-VL + a latent codec.
+
+Plain PyTorch; training loops, parallelism and logging live elsewhere. The paper's ideas
+each have one home and are wired together here:
+
+* correspondence-aware masked attention -> :mod:`cag.models.attention` (rule) and
+  :mod:`cag.models.layout` (mask built once per step);
+* reference position offsets -> :mod:`cag.models.positions`;
+* VAE dropout -> :meth:`CAGModel.training_loss` (reference latents removed from the sequence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+from PIL import Image
+from torch import nn
+
+from cag.data.sample import Grounding
+from cag.models.attention import ATTENTION_MODES, install_cag_attention
+from cag.models.codec import LatentCodec, build_codec, pack
+from cag.models.conditioning import EncodedPrompts, PromptEncoder
+from cag.models.layout import PhraseBinding, TokenLayout, box_to_token_indices
+from cag.models.positions import install_reference_positions
+from cag.models.vlm import build_vlm, vlm_hidden_size
+from cag.utils.plain import plain
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"model.dtype={name!r} is not one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@dataclass
+class Conditioning:
+    """Everything the DiT needs besides the noisy target: text stream, clean reference tokens, layout."""
+
+    prompts: EncodedPrompts
+    ref_tokens: torch.Tensor | None  # [B, N_ref, C*4], concatenated references
+    layout: TokenLayout
+
+
+class CAGModel(nn.Module):
+    """Holds the trainable DiT and the frozen VLM / codec; knows how to condition, denoise and compute the loss."""
+
+    def __init__(
+        self,
+        transformer: QwenImageTransformer2DModel,
+        vlm: nn.Module,
+        processor: Any,
+        codec: LatentCodec,
+        attention: str = "masked",
+        ref_positions: str = "offset",
+        scheduler_shift: float = 3.0,
+    ) -> None:
+        super().__init__()
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention={attention!r} is not one of {ATTENTION_MODES}")
+        self.transformer = transformer
+        self.vlm = vlm
+        self.codec = codec
+        self.processor = processor
+        self.prompt_encoder = PromptEncoder(vlm, processor)
+        self.attention = attention
+        self.ref_positions = ref_positions
+        install_cag_attention(transformer)
+        install_reference_positions(transformer, ref_positions)
+        self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=scheduler_shift)
+        cfg = transformer.config
+        if cfg.in_channels != codec.channels * 4 or (cfg.out_channels or cfg.in_channels) * 4 != cfg.in_channels:
+            raise ValueError(
+                f"transformer in_channels={cfg.in_channels}/out_channels={cfg.out_channels} do not match the codec "
+                f"({codec.channels} latent channels -> in_channels={codec.channels * 4}, out_channels={codec.channels})"
+            )
+        if cfg.joint_attention_dim != vlm_hidden_size(vlm):
+            raise ValueError(
+                f"transformer joint_attention_dim={cfg.joint_attention_dim} != VLM hidden size {vlm_hidden_size(vlm)}"
+            )
+
+    def train(self, mode: bool = True) -> CAGModel:
+        """Frozen parts stay in eval mode whatever the trainer asks."""
+        super().train(mode)
+        self.vlm.eval()
+        self.codec.eval()
+        return self
+
+    # ------------------------------------------------------------------ conditioning
+    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Pixels in [-1, 1] -> packed tokens and their grid."""
+        with torch.no_grad():
+            lat = self.codec.encode(images)
+        return pack(lat), (lat.shape[2] // 2, lat.shape[3] // 2)
+
+    def condition(
+        self,
+        instructions: list[str],
+        vlm_references: list[list[Image.Image]],
+        ref_pixels: list[torch.Tensor],
+        groundings: list[list[Grounding]],
+        target_grid: tuple[int, int],
+        use_ref_latents: bool = True,
+    ) -> Conditioning:
+        """Run the frozen VLM, encode reference latents, and lay out the joint sequence (once per step)."""
+        phrases = [sorted({g.phrase for g in gs}) for gs in groundings]
+        prompts = self.prompt_encoder.encode(instructions, vlm_references, phrases)
+        ref_tokens, ref_grids = None, []
+        if ref_pixels:
+            encoded = [self.encode_images(p) for p in ref_pixels]
+            ref_grids = [g for _, g in encoded]
+            if use_ref_latents:
+                ref_tokens = torch.cat([tok for tok, _ in encoded], dim=1)
+        bindings: list[list[PhraseBinding]] = []
+        for i, gs in enumerate(groundings):
+            by_phrase: dict[str, PhraseBinding] = {}
+            for g in gs:
+                b = by_phrase.setdefault(g.phrase, PhraseBinding(g.phrase, prompts.phrase_positions[i].get(g.phrase, [])))
+                ref = g.image_id - 1
+                if ref >= len(ref_grids):
+                    raise ValueError(f"grounding {g.phrase!r}: image_id={g.image_id} but the sample has {len(ref_grids)} references")
+                toks = box_to_token_indices(g.bbox_2d, *ref_grids[ref])
+                b.ref_tokens[ref] = sorted(set(b.ref_tokens.get(ref, [])) | set(toks))
+            bindings.append(list(by_phrase.values()))
+        layout = TokenLayout(
+            text_mask=prompts.mask.cpu(),
+            image_pad=prompts.image_pad.cpu(),
+            target_grid=target_grid,
+            ref_grids=ref_grids,
+            refs_present=use_ref_latents and bool(ref_grids),
+            phrases=bindings,
+        )
+        return Conditioning(prompts, ref_tokens, layout)
+
+    # ------------------------------------------------------------------ denoising
+    def predict(self, noisy_target: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Velocity prediction for the target tokens only (reference tokens ride along clean)."""
+        layout = cond.layout
+        hidden = noisy_target if cond.ref_tokens is None or not layout.refs_present else torch.cat(
+            [noisy_target, cond.ref_tokens.to(noisy_target.dtype)], dim=1
+        )
+        kwargs: dict[str, Any] = {}
+        if self.attention == "masked":
+            mask = layout.phrase_mask()
+            if mask is not None:
+                kwargs["cag_mask"] = mask.to(noisy_target.device)
+        out = self.transformer(
+            hidden_states=hidden,
+            encoder_hidden_states=cond.prompts.hidden.to(noisy_target.dtype),
+            encoder_hidden_states_mask=cond.prompts.mask,
+            timestep=sigma.to(noisy_target.dtype),
+            img_shapes=layout.img_shapes,
+            attention_kwargs=kwargs,
+            return_dict=False,
+        )[0]
+        return out[:, : layout.num_target_tokens]
+
+    # ------------------------------------------------------------------ training
+    def training_loss(
+        self,
+        batch: dict[str, Any],
+        vae_dropout: float = 0.0,
+        text_dropout: float = 0.0,
+        weighting_scheme: str = "logit_normal",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Rectified-flow loss on the target tokens (DESIGN.md §6) with VAE dropout decided per step (eq. 6)."""
+        target = batch["target_pixels"]
+        device = target.device
+        bsz = target.shape[0]
+        drop_refs = bool(torch.rand(()) < vae_dropout) if vae_dropout > 0 else False
+        drop_text = (torch.rand(bsz) < text_dropout).tolist() if text_dropout > 0 else [False] * bsz
+        instructions = ["" if d else s for s, d in zip(batch["instructions"], drop_text, strict=True)]
+        groundings = [[] if d else g for g, d in zip(batch["groundings"], drop_text, strict=True)]
+
+        x0, grid = self.encode_images(target)
+        cond = self.condition(
+            instructions, batch["vlm_references"], batch["ref_pixels"], groundings, grid, use_ref_latents=not drop_refs
+        )
+        u = compute_density_for_timestep_sampling(
+            weighting_scheme=weighting_scheme, batch_size=bsz, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale
+        )
+        idx = (u * self.scheduler.config.num_train_timesteps).long().clamp_(0, self.scheduler.config.num_train_timesteps - 1)
+        sigma = self.scheduler.sigmas[idx].to(device=device, dtype=x0.dtype)
+        noise = torch.randn_like(x0)
+        s = sigma.view(-1, 1, 1)
+        xt = (1.0 - s) * x0 + s * noise
+        pred = self.predict(xt, sigma, cond)
+        weight = compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=s).to(pred.dtype)
+        loss = (weight * (pred.float() - (noise - x0).float()) ** 2).mean()
+        mask = cond.layout.phrase_mask() if self.attention == "masked" else None
+        info = {
+            "vae_dropped": float(drop_refs),
+            "text_dropped": float(sum(drop_text)) / bsz,
+            "phrase_rows": float(mask.num_rows if mask is not None else 0) / bsz,
+            "seq_len": float(cond.layout.joint_len),
+        }
+        return loss, info
+
+
+def build_cag_model(cfg: Any, attention: str = "masked", ref_positions: str = "offset", seed: int = 0) -> CAGModel:
+    """One builder for both sizes: ``cfg.source`` null -> random tiny instance, else ``from_pretrained``."""
+    dtype = resolve_dtype(cfg.get("dtype", "float32"))
+    source = cfg.get("source")
+    vlm, processor = build_vlm(cfg.vlm, source=source, dtype=dtype, seed=seed)
+    codec = build_codec(cfg.codec, source=source, dtype=dtype)
+    if source is not None:
+        transformer = QwenImageTransformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype)
+    else:
+        tcfg = plain(cfg.transformer)
+        tcfg.setdefault("in_channels", codec.channels * 4)
+        tcfg.setdefault("out_channels", codec.channels)
+        tcfg.setdefault("joint_attention_dim", vlm_hidden_size(vlm))
+        tcfg["axes_dims_rope"] = tuple(tcfg.get("axes_dims_rope", (16, 56, 56)))
+        if sum(tcfg["axes_dims_rope"]) != tcfg["attention_head_dim"]:
+            raise ValueError(
+                f"model.transformer.axes_dims_rope={list(tcfg['axes_dims_rope'])} must sum to attention_head_dim={tcfg['attention_head_dim']}"
+            )
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            transformer = QwenImageTransformer2DModel(**tcfg)
+        if dtype != torch.float32:
+            transformer = transformer.to(dtype)
+    if cfg.get("gradient_checkpointing", False):
+        transformer.enable_gradient_checkpointing()
+    return CAGModel(
+        transformer, vlm, processor, codec, attention=attention, ref_positions=ref_positions,
+        scheduler_shift=float(cfg.get("scheduler_shift", 3.0)),
+    )

@@ -1,0 +1,87 @@
+"""Training entry logic: compose -> validate -> instantiate -> fit. Read it in one sitting."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from cag.lightning_module import CAGLightningModule
+from cag.utils.config import flatten_config, validate_train_config
+
+log = logging.getLogger(__name__)
+
+
+def run_name_from_hydra(default: str = "default") -> str:
+    """Experiment and overrides, e.g. ``ablation_dropout:vae_dropout=0.3``."""
+    try:
+        hc = HydraConfig.get()
+    except ValueError:  # composed outside a Hydra app (tests)
+        return default
+    experiment = hc.runtime.choices.get("experiment") or default
+    keep = [o for o in hc.overrides.task if not o.startswith(("experiment=", "ckpt_path", "hydra.", "paths."))]
+    return f"{experiment}:{','.join(keep)}" if keep else str(experiment)
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """``_target_`` dicts -> objects (loggers, callbacks), skipping null entries."""
+    out = []
+    for _, node in (group or {}).items():
+        if isinstance(node, DictConfig) and "_target_" in node:
+            out.append(hydra.utils.instantiate(node))
+    return out
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train one configuration; returns the final metrics and the checkpoint paths."""
+    validate_train_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+
+    if cfg.get("logger") and cfg.logger.get("mlflow") is not None:
+        with open_dict(cfg):
+            if not cfg.logger.mlflow.get("run_name"):
+                cfg.logger.mlflow.run_name = run_name_from_hydra()
+            cfg.logger.mlflow.tags = {"tags": ",".join(cfg.get("tags", [])), "attention": cfg.attention,
+                                      "vae_dropout": str(cfg.vae_dropout)}
+    loggers = instantiate_group(cfg.get("logger"))
+    callbacks = instantiate_group(cfg.get("callbacks"))
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    module = CAGLightningModule(
+        model=cfg.model, optim=cfg.optim, loss=cfg.loss, attention=cfg.attention, ref_positions=cfg.ref_positions,
+        vae_dropout=cfg.vae_dropout, text_dropout=cfg.text_dropout, seed=cfg.seed,
+    )
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    for lg in loggers:
+        lg.log_hyperparams(flatten_config(cfg))
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    ckpt_cb = trainer.checkpoint_callback
+    result: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    result["global_step"] = trainer.global_step
+    if ckpt_cb is not None:
+        result["last_ckpt"] = getattr(ckpt_cb, "last_model_path", "") or ""
+        result["best_ckpt"] = getattr(ckpt_cb, "best_model_path", "") or ""
+    skipped = getattr(datamodule, "skipped", [])
+    for lg in loggers:
+        if hasattr(lg, "experiment") and hasattr(lg, "run_id"):
+            client = lg.experiment
+            client.set_tag(lg.run_id, "checkpoint/last", result.get("last_ckpt", ""))
+            client.set_tag(lg.run_id, "checkpoint/best", result.get("best_ckpt", ""))
+            client.set_tag(lg.run_id, "output_dir", str(cfg.paths.output_dir))
+            client.log_metric(lg.run_id, "data/skipped_samples", float(len(skipped)))
+    log.info("finished at step %d; last checkpoint %s", trainer.global_step, result.get("last_ckpt"))
+    return result
+
+
+def main(cfg: DictConfig) -> float | None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
+    result = train(cfg)
+    return result.get("val/loss")

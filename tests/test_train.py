@@ -1,0 +1,133 @@
+"""Training entry point: config composition, validation, MLflow, checkpoints, resume, real CLI sweeps."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from cag.train import train
+from cag.utils.config import ConfigError, flatten_config, validate_train_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(tmp_path: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=False)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "out")
+        cfg.logger.mlflow.tracking_uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+        cfg.logger.mlflow.artifact_location = str(tmp_path / "artifacts")
+        cfg.trainer.enable_progress_bar = False
+        cfg.data.val_samples = 4
+        cfg.data.batch_size = 2
+    return cfg
+
+
+def _runs(tmp_path: Path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    return mlflow.search_runs(experiment_names=["cag"])
+
+
+@pytest.mark.parametrize(
+    ("override", "culprit"),
+    [
+        ("attention=sparse", "attention='sparse'"),
+        ("ref_positions=diagonal", "ref_positions='diagonal'"),
+        ("vae_dropout=1.5", "vae_dropout=1.5"),
+        ("vae_dropout=-0.1", "vae_dropout=-0.1"),
+        ("text_dropout=2", "text_dropout=2"),
+    ],
+)
+def test_bad_top_level_values_are_refused_naming_the_value(tmp_path, override, culprit):
+    cfg = _cfg(tmp_path, override)
+    with pytest.raises(ConfigError) as err:
+        validate_train_config(cfg)
+    assert culprit in str(err.value)
+    with pytest.raises(ConfigError):
+        train(cfg)  # refused before any model or MLflow run is made
+    assert not (tmp_path / "out").exists()
+
+
+def test_experiments_override_only_what_changes(tmp_path):
+    base = _cfg(tmp_path)
+    for name, attention, dropout in [("cag", "masked", 0.5), ("baseline", "full", 0.0),
+                                     ("ablation_mask", "masked", 0.0), ("ablation_dropout", "full", 0.5)]:
+        cfg = _cfg(tmp_path, f"experiment={name}")
+        assert (cfg.attention, cfg.vae_dropout) == (attention, dropout)
+        assert cfg.model == base.model and cfg.optim == base.optim
+    cfg = _cfg(tmp_path, "experiment=ablation_dropout", "vae_dropout=0.3")
+    assert cfg.vae_dropout == 0.3
+
+
+def test_flattened_params_drop_secret_keys():
+    flat = flatten_config({"judge": {"api_key": "sk-123", "model": "gpt"}, "hf_token": "x", "lr": 1})
+    assert flat == {"judge/model": "gpt", "lr": 1}
+
+
+def test_train_logs_to_mlflow_saves_checkpoints_and_resumes_at_the_same_step(tmp_path):
+    cfg = _cfg(tmp_path, "trainer.max_steps=6", "data.epoch_batches=3")
+    result = train(cfg)
+    assert result["global_step"] == 6
+    last = Path(result["last_ckpt"])
+    assert last.name == "last.ckpt" and last.exists() and Path(result["best_ckpt"]).exists()
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 6
+    assert all(k.startswith("model.transformer.") for k in ckpt["state_dict"]), "only the DiT is checkpointed"
+    runs = _runs(tmp_path)
+    assert len(runs) == 1
+    run = runs.iloc[0]
+    assert run["params.vae_dropout"] == "0.5" and run["params.attention"] == "masked"
+    assert run["tags.checkpoint/last"] == str(last)
+    assert "metrics.train/loss" in runs.columns and "metrics.val/loss" in runs.columns
+
+    resumed = _cfg(tmp_path, "trainer.max_steps=9", "data.epoch_batches=3", f"ckpt_path={last}")
+    with open_dict(resumed):
+        resumed.paths.output_dir = str(tmp_path / "out2")
+    r2 = train(resumed)
+    assert r2["global_step"] == 9
+    ckpt2 = torch.load(r2["last_ckpt"], map_location="cpu", weights_only=True)
+    assert ckpt2["optimizer_states"][0]["state"][0]["step"].item() == 9  # optimizer state continued, not restarted
+
+
+def test_checkpoint_of_another_model_config_is_refused(tmp_path):
+    cfg = _cfg(tmp_path, "trainer.max_steps=2", "data.epoch_batches=2")
+    last = train(cfg)["last_ckpt"]
+    other = _cfg(tmp_path, "trainer.max_steps=3", "model.transformer.num_layers=3", f"ckpt_path={last}")
+    with open_dict(other):
+        other.paths.output_dir = str(tmp_path / "other")
+    with pytest.raises(Exception, match="num_layers|does not fit|model config"):
+        train(other)
+
+
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, str(ROOT / "src" / "train.py"), *args, "trainer.enable_progress_bar=false",
+           "data.val_samples=2", "data.batch_size=2", "data.epoch_batches=5",
+           f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_cli_experiment_with_override_logs_the_override(tmp_path):
+    _cli(tmp_path, "experiment=ablation_dropout", "vae_dropout=0.3", "trainer.max_steps=10")
+    runs = _runs(tmp_path)
+    assert len(runs) == 1
+    assert runs.iloc[0]["params.vae_dropout"] == "0.3"
+    assert runs.iloc[0]["tags.mlflow.runName"].startswith("ablation_dropout:vae_dropout=0.3,trainer.max_steps=10")
+
+
+def test_cli_multirun_leaves_one_mlflow_run_per_job(tmp_path):
+    _cli(tmp_path, "-m", "attention=full,masked", "trainer.max_steps=5")
+    runs = _runs(tmp_path)
+    assert sorted(runs["params.attention"]) == ["full", "masked"]
+    assert set(runs["status"]) == {"FINISHED"}

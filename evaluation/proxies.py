@@ -39,13 +39,12 @@ BOX_SCALE = 1000.0
 MATCH_DISTANCE = 40.0  # RGB euclidean distance under which a pixel "has" a colour
 MERGE_DISTANCE = 30.0  # truth colours closer than this are one colour (shared by their owners)
 PRESENCE_SHARE = 0.02  # a colour filling 2% of its box counts as fully present
-INK_MAX_CHANNEL = (
-    64  # near-black: eyes, shoes, wheels and outlines everywhere, so it says nothing about position
-)
+# near-black (eyes, shoes, wheels, outlines) is on every figure, so it says nothing about position
+INK_MAX_CHANNEL = 64
 DOMINANT_SHARE = 0.02  # a reference colour below this share of the foreground is detail, not appearance
 BACKDROP_SHARE = 0.15  # a scene colour covering this much of the scene is backdrop (sky, ground), not a prop
-BAND_FRACTION = 0.04
-FLAT_DISTANCE = 12.0  # neighbours closer than this belong to one painted region  # ring around a reference box, as a fraction of the image, that defines its background
+BAND_FRACTION = 0.04  # ring around a reference box, as a fraction of the image, that defines its background
+FLAT_DISTANCE = 12.0  # neighbours closer than this belong to one painted region
 
 
 class TruthError(ValueError):
@@ -403,13 +402,19 @@ def subject_consistency_details(
     """Per-subject SC in [0, 1] by name, plus ``"scene"`` when the truth has one; the proxy is their mean x 10.
 
     Subject: anchors are the dominant colours of its reference crop after removing the
-    colours of the ring around the box (the reference background) and any colour the
-    scene also has (it could not be told apart from background in the target). The
-    generated box, minus scene-coloured pixels, is histogrammed over those anchors; the
-    score is the histogram intersection times a presence factor (enough non-scene pixels
-    in the box, relative to the reference crop). Scene: the scene reference's dominant
-    colours against the generated image, both outside the subjects' target boxes (the
-    synthetic scene reference shares the target's frame, so the same region is compared).
+    colours of the ring around the box (the reference background) and the scene's
+    backdrop colours (sky, ground: indistinguishable from background in the target).
+    The generated box, minus backdrop and prop pixels, is histogrammed over those
+    anchors; the score is the histogram intersection times a presence factor (enough
+    subject pixels in the box, relative to the reference crop). Only "flat" pixels count
+    on both sides, so edge blends of a resampled image are neither right nor wrong. The
+    reference is compared at its own detail and shrunk to the generated box's size
+    (where stripes blend into one colour), and the better match counts: a model that
+    cannot resolve a pattern at 64 px is not punished for averaging it.
+
+    Scene: the scene reference's dominant colours against the generated image, both
+    outside the subjects' target boxes (the synthetic scene reference shares the target's
+    frame, so the same region is compared), times the share of flat pixels there.
     """
     entities, _, scene = _entities(truth)
     img = _rgb_array(generated)

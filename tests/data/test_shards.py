@@ -109,14 +109,17 @@ def test_writer_rejects_bad_and_duplicate_samples_and_writes_the_rest(tmp_path, 
     dotted = Sample("bad.key", s.references, s.instruction, s.groundings, s.target)
     wrong_ref = Sample("wrong-ref", s.references, s.instruction,
                        [Grounding(s.groundings[0].phrase, 9, (0.0, 0.0, 10.0, 10.0))], s.target)
+    unserialisable = Sample("odd-truth", s.references, s.instruction, s.groundings, s.target, truth={"x": {1, 2}})
     with caplog.at_level(logging.WARNING, logger="cag.data.shards"):
-        summary = write_shards([good[0], dotted, good[1], wrong_ref, good[0], good[2]], str(tmp_path / "s-%06d.tar"))
+        summary = write_shards([good[0], dotted, good[1], wrong_ref, good[0], unserialisable, good[2]],
+                               str(tmp_path / "s-%06d.tar"))
     assert summary.written == 3
-    assert [r["key"] for r in summary.rejected] == ["bad.key", "wrong-ref", good[0].key]
+    assert [r["key"] for r in summary.rejected] == ["bad.key", "wrong-ref", good[0].key, "odd-truth"]
     assert "dot" in summary.rejected[0]["reason"]
     assert "image_id=9" in summary.rejected[1]["reason"]
     assert summary.rejected[2]["reason"].startswith("duplicate_key")
-    assert summary.rejected_by_reason == {"invalid_sample": 2, "duplicate_key": 1}
+    assert "JSON serializable" in summary.rejected[3]["reason"]
+    assert summary.rejected_by_reason == {"invalid_sample": 3, "duplicate_key": 1}
     assert "wrong-ref" in caplog.text
     assert [x.key for x in iter_shard_samples(summary.shards)] == [g.key for g in good]
 

@@ -171,7 +171,7 @@ def write_shards(
                 if key in seen:
                     raise GroundingError(f"duplicate key {key!r}")
                 record = sample_to_wds(sample)
-            except (GroundingError, ValueError, OSError) as exc:
+            except (ValueError, OSError, TypeError, AttributeError) as exc:  # GroundingError is a ValueError
                 reason = f"{'duplicate_key' if key in seen else 'invalid_sample'}: {exc}"
                 summary.rejected.append({"key": str(key), "reason": reason})
                 log.warning("rejected sample %r: %s", key, reason)

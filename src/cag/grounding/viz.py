@@ -64,7 +64,7 @@ def draw_alignment(
     for i, p in enumerate(panels):
         canvas.paste(p, (x, gap))
         draw.text(
-            (x + 4, gap + 4),
+            (x + 4, gap + p.height - line_h - 4),  # bottom-left: box labels sit at the top
             f"Fig.{i + 1}",
             fill=(255, 255, 255),
             font=font,
@@ -74,6 +74,7 @@ def draw_alignment(
         offsets.append(x)
         x += p.width + gap
     colours: dict[str, tuple[int, int, int]] = {}
+    labels: list[tuple[tuple[float, float], str, tuple[int, int, int]]] = []
     for g in groundings:
         if not 1 <= g.image_id <= len(panels):
             continue
@@ -88,14 +89,30 @@ def draw_alignment(
             gap + y2 / BOX_SCALE * p.height,
         )
         draw.rectangle(box, outline=colour, width=3)
-        tb = draw.textbbox((box[0] + 3, box[1] + 3), g.phrase, font=font)
+        labels.append(((box[0] + 3, box[1] + 3), g.phrase, colour))
+    # Labels after all boxes, each pushed down past labels already placed: a character's
+    # box and its hair box share a top edge, and their labels would otherwise overprint.
+    placed: list[tuple[float, float, float, float]] = []
+    for (lx, ly), text, colour in labels:
+        tb = draw.textbbox((lx, ly), text, font=font)
+        for _ in range(len(placed)):
+            hit = next((q for q in placed if _intersects(tb, q)), None)
+            if hit is None:
+                break
+            ly += hit[3] - tb[1] + 1
+            tb = draw.textbbox((lx, ly), text, font=font)
+        placed.append(tb)
         draw.rectangle(tb, fill=colour)
-        draw.text((box[0] + 3, box[1] + 3), g.phrase, fill=(255, 255, 255), font=font)
+        draw.text((lx, ly), text, fill=(255, 255, 255), font=font)
     y = panel_height + 2 * gap
     for line in text_lines:
         draw.text((gap, y), line, fill=(0, 0, 0), font=font)
         y += line_h
     return canvas
+
+
+def _intersects(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def save_alignment(

@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 
 from cag.data.sample import Grounding
-from cag.models.attention import ATTENTION_MODES, install_cag_attention
+from cag.models.attention import ATTENTION_MODES, PhraseRowMask, install_cag_attention
 from cag.models.codec import LatentCodec, build_codec, pack
 from cag.models.conditioning import EncodedPrompts, PromptEncoder
 from cag.models.layout import PhraseBinding, TokenLayout, box_to_token_indices
@@ -46,6 +46,16 @@ class Conditioning:
     prompts: EncodedPrompts
     ref_tokens: torch.Tensor | None  # [B, N_ref, C*4], concatenated references
     layout: TokenLayout
+    _mask: PhraseRowMask | None = None
+    _mask_built: bool = False
+
+    def phrase_mask(self, device: torch.device) -> PhraseRowMask | None:
+        """Built once per conditioning (one training step, or a whole sampling run) and reused by every layer."""
+        if not self._mask_built:
+            mask = self.layout.phrase_mask()
+            self._mask = mask.to(device) if mask is not None else None
+            self._mask_built = True
+        return self._mask
 
 
 class CAGModel(nn.Module):
@@ -147,9 +157,9 @@ class CAGModel(nn.Module):
         )
         kwargs: dict[str, Any] = {}
         if self.attention == "masked":
-            mask = layout.phrase_mask()
+            mask = cond.phrase_mask(noisy_target.device)
             if mask is not None:
-                kwargs["cag_mask"] = mask.to(noisy_target.device)
+                kwargs["cag_mask"] = mask
         out = self.transformer(
             hidden_states=hidden,
             encoder_hidden_states=cond.prompts.hidden.to(noisy_target.dtype),
@@ -196,7 +206,7 @@ class CAGModel(nn.Module):
         pred = self.predict(xt, sigma, cond)
         weight = compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=s).to(pred.dtype)
         loss = (weight * (pred.float() - (noise - x0).float()) ** 2).mean()
-        mask = cond.layout.phrase_mask() if self.attention == "masked" else None
+        mask = cond.phrase_mask(device) if self.attention == "masked" else None
         info = {
             "vae_dropped": float(drop_refs),
             "text_dropped": float(sum(drop_text)) / bsz,

@@ -55,7 +55,8 @@ class CAGLightningModule(L.LightningModule):
     # -------------------------------------------------------------- checkpoint contents
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         full = super().state_dict(*args, **kwargs)
-        return {k: v for k, v in full.items() if k.startswith(TRAINABLE_PREFIX)}
+        trainable = {TRAINABLE_PREFIX + n for n, p in self.model.transformer.named_parameters() if p.requires_grad}
+        return {k: v for k, v in full.items() if k in trainable}
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):  # type: ignore[override]
         expected = set(self.state_dict())

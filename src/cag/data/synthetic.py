@@ -603,6 +603,7 @@ def _layout(rng: random.Random, cast: list[Character]) -> _Layout:
         placements.append(_Placement(ch, pos, (cx - w / 2, feet - height, cx + w / 2, feet)))
     place = rng.choice(list(_PLACES))
     worn = [rgb for ch in cast for rgb in ch.colours().values()]
+    worn += [_ACCESSORY_COLOURS[ch.accessory_colour] for ch in cast if ch.accessory_colour is not None]
     props = _place_props(rng, place, [p.box for p in placements], worn)
     return _Layout(shot=shot, place=place, placements=placements, props=props)
 
@@ -808,14 +809,19 @@ def generate_sample(split: str, index: int, cfg: SyntheticConfig) -> Sample:
     sentences = [rng.choice(_SHOT_WORDS[layout.shot])]
     for k, pl in enumerate(layout.placements):
         sentences.append(_character_sentence(rng, pl.character, ref_phrases[k], pl.position))
-    if n >= 2 and rng.random() < 0.4:
-        a, b = rng.sample(range(n), 2)
-        ca, cb = cast[a], cast[b]
-        sentences.append(rng.choice((
-            f"{ref_phrases[a]} turns towards {ref_phrases[b]}.",
-            f"{ref_phrases[a]}'s {ca.top_phrase} contrasts with {ref_phrases[b]}'s {cb.bottom_phrase}.",
-            f"{ref_phrases[b]} smiles back at {ref_phrases[a]}, admiring {ca.pronouns[1]} {ca.hair_phrase}.",
-        )))
+    if rng.random() < 0.4:  # a second mention, often possessive, as in the paper's instructions
+        a = rng.randrange(n)
+        ca = cast[a]
+        options = [f"{ref_phrases[a]}'s {ca.top_phrase} stands out against the {layout.place}."]
+        if n >= 2:
+            b = rng.choice([k for k in range(n) if k != a])
+            cb = cast[b]
+            options += [
+                f"{ref_phrases[a]} turns towards {ref_phrases[b]}.",
+                f"{ref_phrases[a]}'s {ca.top_phrase} contrasts with {ref_phrases[b]}'s {cb.bottom_phrase}.",
+                f"{ref_phrases[b]} smiles back at {ref_phrases[a]}, admiring {ca.pronouns[1]} {ca.hair_phrase}.",
+            ]
+        sentences.append(rng.choice(options))
     prop_list = " and ".join(_article(f"{p.name} (Fig.{scene_id})") for p in layout.props)
     them = "them" if n > 1 else cast[0].pronouns[2]
     if scene_phrase.startswith("the background"):

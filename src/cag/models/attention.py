@@ -101,8 +101,25 @@ class CAGAttnProcessor:
         if encoder_hidden_states_mask is not None:
             image_mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
             padding_mask = torch.cat([encoder_hidden_states_mask.bool(), image_mask], dim=1)[:, None, None, :]
-
         seq_txt = encoder_hidden_states.shape[1]
+        query, key, value = self.qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        out = self.attend(query, key, value, padding_mask, cag_mask)
+        out = out.flatten(2, 3).to(query.dtype)
+        txt_out, img_out = out[:, :seq_txt], out[:, seq_txt:]
+        img_out = attn.to_out[0](img_out.contiguous())
+        if len(attn.to_out) > 1:
+            img_out = attn.to_out[1](img_out)
+        txt_out = attn.to_add_out(txt_out.contiguous())
+        return img_out, txt_out
+
+    def qkv(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Joint ``[text | image]`` queries, keys, values ``[B, L, H, D]`` with QK-norm and RoPE, as stock."""
         head_dim = attn.inner_dim // attn.heads
         img_q = attn.to_q(hidden_states).unflatten(-1, (-1, head_dim))
         img_k = attn.to_k(hidden_states).unflatten(-1, (-1, head_dim))
@@ -124,36 +141,37 @@ class CAGAttnProcessor:
             img_k = apply_rotary_emb_qwen(img_k, img_freqs, use_real=False)
             txt_q = apply_rotary_emb_qwen(txt_q, txt_freqs, use_real=False)
             txt_k = apply_rotary_emb_qwen(txt_k, txt_freqs, use_real=False)
+        return torch.cat([txt_q, img_q], dim=1), torch.cat([txt_k, img_k], dim=1), torch.cat([txt_v, img_v], dim=1)
 
-        query = torch.cat([txt_q, img_q], dim=1)
-        key = torch.cat([txt_k, img_k], dim=1)
-        value = torch.cat([txt_v, img_v], dim=1)
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        padding_mask: torch.Tensor | None,
+        cag_mask: PhraseRowMask | None,
+    ) -> torch.Tensor:
+        """Attention output ``[B, L, H, D]``: stock kernel for every row, then the phrase rows under their masks.
 
+        Subclasses (e.g. an attention-map recorder) override this to observe ``query``/``key``.
+        """
         if self.dense and cag_mask is not None:
-            out = F.scaled_dot_product_attention(
+            return F.scaled_dot_product_attention(
                 query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=cag_mask.dense()
             ).transpose(1, 2)
-        else:
-            out = dispatch_attention_fn(
-                query,
-                key,
-                value,
-                attn_mask=padding_mask,
-                dropout_p=0.0,
-                is_causal=False,
-                backend=self._attention_backend,
-                parallel_config=self._parallel_config,
-            )
-            if cag_mask is not None:
-                out = cag_mask.apply(query, key, value, out)
-
-        out = out.flatten(2, 3).to(query.dtype)
-        txt_out, img_out = out[:, :seq_txt], out[:, seq_txt:]
-        img_out = attn.to_out[0](img_out.contiguous())
-        if len(attn.to_out) > 1:
-            img_out = attn.to_out[1](img_out)
-        txt_out = attn.to_add_out(txt_out.contiguous())
-        return img_out, txt_out
+        out = dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=padding_mask,
+            dropout_p=0.0,
+            is_causal=False,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
+        if cag_mask is not None:
+            out = cag_mask.apply(query, key, value, out)
+        return out
 
 
 def install_cag_attention(transformer: nn.Module, dense: bool = False) -> None:

@@ -77,6 +77,16 @@ def _manifest(cfg: DictConfig) -> tuple[Iterator[Sample], int, list[dict[str, st
     return samples(), len(entries), rejected
 
 
+def _with_cache(cfg: DictConfig, samples: Iterator[Sample]) -> Iterator[Sample]:
+    """Precompute the frozen VLM's text stream and the codec latents into the shards (cag.data.cache)."""
+    from cag.data.cache import compute_cache
+    from cag.models.cag_model import build_cag_model
+
+    model = build_cag_model(cfg.model, seed=int(cfg.cache_model_seed)).eval()
+    return compute_cache(model, samples, int(cfg.model.image_size), int(cfg.model.vlm_image_size),
+                         batch_size=int(cfg.cache_batch_size))
+
+
 def run(cfg: DictConfig) -> WriteSummary:
     """The app without Hydra's wrapper, so it can be called from Python and tested in-process."""
     if cfg.source not in ("synthetic", "manifest"):
@@ -92,6 +102,8 @@ def run(cfg: DictConfig) -> WriteSummary:
         for path in old:
             os.remove(path)
     samples, total, rejected = (_synthetic if cfg.source == "synthetic" else _manifest)(cfg)
+    if cfg.get("cache"):
+        samples = _with_cache(cfg, samples)
     bar = tqdm(total=total, unit="sample", desc=f"{cfg.source}/{cfg.split}", disable=not cfg.progress,
                file=sys.stderr)
     last = 0
@@ -114,6 +126,9 @@ def run(cfg: DictConfig) -> WriteSummary:
                                if OmegaConf.is_list(cfg.num_characters) else cfg.num_characters}
     else:
         report["manifest"] = to_absolute_path(str(cfg.manifest))
+    if cfg.get("cache"):
+        report["cache"] = {"model": cfg.model.get("name"), "image_size": cfg.model.image_size,
+                           "vlm_image_size": cfg.model.vlm_image_size, "model_seed": cfg.cache_model_seed}
     summary_path = Path(out).parent / "summary.json"
     summary_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     _print_summary(report, summary_path)

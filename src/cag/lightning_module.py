@@ -51,6 +51,7 @@ class CAGLightningModule(L.LightningModule):
         self.vae_dropout, self.text_dropout = float(vae_dropout), float(text_dropout)
         self.loss_cfg = loss
         self._step_start = 0.0
+        self.data_skipped = 0
 
     # -------------------------------------------------------------- checkpoint contents
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
@@ -97,7 +98,9 @@ class CAGLightningModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, info = self.model.training_loss(batch, vae_dropout=self.vae_dropout, text_dropout=self.text_dropout, **self.loss_cfg)
         bsz = batch["target_pixels"].shape[0]
+        self.data_skipped += int(batch.get("data_skipped", 0))
         self.log("train/loss", loss, prog_bar=True, batch_size=bsz)
+        self.log("data/skipped_samples", float(self.data_skipped), batch_size=1, reduce_fx="max")
         for k, v in info.items():
             self.log(f"train/{k}", v, batch_size=bsz)
         return loss

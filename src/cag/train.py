@@ -68,14 +68,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_cb is not None:
         result["last_ckpt"] = getattr(ckpt_cb, "last_model_path", "") or ""
         result["best_ckpt"] = getattr(ckpt_cb, "best_model_path", "") or ""
-    skipped = getattr(datamodule, "skipped", [])
     for lg in loggers:
         if hasattr(lg, "experiment") and hasattr(lg, "run_id"):
             client = lg.experiment
             client.set_tag(lg.run_id, "checkpoint/last", result.get("last_ckpt", ""))
             client.set_tag(lg.run_id, "checkpoint/best", result.get("best_ckpt", ""))
             client.set_tag(lg.run_id, "output_dir", str(cfg.paths.output_dir))
-            client.log_metric(lg.run_id, "data/skipped_samples", float(len(skipped)))
     log.info("finished at step %d; last checkpoint %s", trainer.global_step, result.get("last_ckpt"))
     return result
 

@@ -22,7 +22,8 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
+from webdataset.utils import pytorch_worker_info
 
 from cag.data.sample import GroundingError, Sample
 from cag.utils.plain import plain
@@ -71,6 +72,9 @@ def collate(samples: list[Sample], image_size: int, vlm_image_size: int) -> dict
     }
     if all(s.target is not None for s in samples):
         batch["target_pixels"] = torch.stack([to_pixels(square(s.target, image_size)) for s in samples])
+    caches = [s.conditioning for s in samples]
+    if all(c is not None and (c.image_size, c.vlm_image_size) == (image_size, vlm_image_size) for c in caches):
+        batch["cached"] = caches
     return batch
 
 
@@ -90,12 +94,9 @@ def bucket_batches(samples: Iterable[Sample], batch_size: int, drop_last: bool) 
 
 
 def _shard_index() -> tuple[int, int]:
-    """(this reader's index, number of readers) over DDP ranks x DataLoader workers."""
-    rank = int(torch.distributed.get_rank()) if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-    world = int(torch.distributed.get_world_size()) if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
-    info = get_worker_info()
-    wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-    return rank * nw + wid, world * nw
+    """(this reader's index, number of readers) over DDP ranks x DataLoader workers, as webdataset splits shards."""
+    rank, world, worker, num_workers = pytorch_worker_info()
+    return rank * num_workers + worker, world * num_workers
 
 
 class SampleStream(IterableDataset):
@@ -130,7 +131,7 @@ class SampleStream(IterableDataset):
             from cag.data.shards import iter_shard_samples
 
             urls = dm.urls if self.train else dm.val_urls
-            yield from iter_shard_samples(
+            pipeline = iter_shard_samples(
                 urls,
                 resampled=self.train,
                 shuffle=dm.shuffle_buffer if self.train else 0,
@@ -138,6 +139,8 @@ class SampleStream(IterableDataset):
                 split_by_worker=True,
                 on_error=dm.record_skip,
             )
+            self._stats = pipeline.stats
+            yield from pipeline
         else:  # manifest: validated up front in setup()
             samples = dm.manifest_samples
             if self.train:
@@ -151,11 +154,18 @@ class SampleStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         dm = self.dm
+        self._stats = None
+        reported = 0
         batches = bucket_batches(self._samples(), dm.batch_size, drop_last=self.train)
         if self.train:
             batches = itertools.islice(batches, max(1, dm.epoch_batches // max(1, dm.num_workers)))
         for b in batches:
-            yield collate(b, dm.image_size, dm.vlm_image_size)
+            batch = collate(b, dm.image_size, dm.vlm_image_size)
+            # skips happen in worker processes: their count travels with the batches
+            bad = self._stats.bad if self._stats is not None else 0
+            batch["data_skipped"] = bad - reported
+            reported = bad
+            yield batch
 
 
 class CAGDataModule(L.LightningDataModule):

@@ -66,6 +66,7 @@ def validate_grounding(g: Grounding, num_references: int, instruction: str | Non
 class Sample:
     """References (subjects first, then the scene), an instruction, its groundings, and optionally the target.
 
+    ``conditioning`` holds precomputed frozen-model outputs (see :mod:`cag.data.cache`).
     ``truth`` carries what a synthetic generator knows (where each subject must appear,
     what it must look like) so evaluation can score without a judge; it is ``None`` for
     real data.
@@ -78,6 +79,7 @@ class Sample:
     target: Image.Image | None = None
     task_type: str = "multi_character"
     truth: dict[str, Any] | None = None
+    conditioning: Any = None  # cag.data.cache.CachedConditioning when the shard carries cached VLM/codec outputs
 
     def validate(self) -> None:
         if "." in self.key:

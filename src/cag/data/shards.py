@@ -123,6 +123,8 @@ def sample_to_wds(sample: Sample) -> dict[str, Any]:
         record[ref_member(i)] = encode_png(ref)
     if sample.target is not None:
         record[TARGET_MEMBER] = encode_png(sample.target)
+    if sample.conditioning is not None:
+        record.update(sample.conditioning.to_members())
     return record
 
 
@@ -335,7 +337,24 @@ def sample_from_wds(record: dict[str, Any]) -> Sample:
         sample.validate()
     except GroundingError as exc:
         raise ShardSampleError(shard, key, "bad_sample", str(exc)) from exc
+    sample.conditioning = _read_cache(shard, key, record, sample)
     return sample
+
+
+def _read_cache(shard: str, key: str, record: dict[str, Any], sample: Sample) -> Any:
+    """Cached conditioning if present and still matching the sample; a stale or broken entry is dropped, not fatal."""
+    from cag.data.cache import CachedConditioning, matches_sample
+
+    try:
+        cache = CachedConditioning.from_members(record)
+    except (KeyError, ValueError, OSError) as exc:
+        log.warning("shard %s: sample %r: unreadable cached conditioning (%s); encoding online", shard, key, exc)
+        return None
+    if cache is not None and not matches_sample(cache, sample):
+        log.warning("shard %s: sample %r: cached conditioning does not match its instruction/images; encoding online",
+                    shard, key)
+        return None
+    return cache
 
 
 @dataclass

@@ -11,6 +11,9 @@ each have one home and are wired together here:
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +31,8 @@ from cag.models.layout import PhraseBinding, TokenLayout, box_to_token_indices
 from cag.models.positions import install_reference_positions
 from cag.models.vlm import build_vlm, vlm_hidden_size
 from cag.utils.plain import plain
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -78,6 +83,7 @@ class CAGModel(nn.Module):
         self.codec = codec
         self.processor = processor
         self.prompt_encoder = PromptEncoder(vlm, processor)
+        self.weights_id = "unknown"  # set by build_cag_model: source id, or "random:<seed>"
         self.attention = attention
         self.ref_positions = ref_positions
         install_cag_attention(transformer)
@@ -102,10 +108,14 @@ class CAGModel(nn.Module):
         return self
 
     # ------------------------------------------------------------------ conditioning
+    @torch.no_grad()
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] -> normalised codec latents ``[B, C, h, w]`` (what a cache stores)."""
+        return self.codec.encode(images)
+
     def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Pixels in [-1, 1] -> packed tokens and their grid."""
-        with torch.no_grad():
-            lat = self.codec.encode(images)
+        lat = self.encode_latents(images)
         return pack(lat), (lat.shape[2] // 2, lat.shape[3] // 2)
 
     def condition(
@@ -120,12 +130,19 @@ class CAGModel(nn.Module):
         """Run the frozen VLM, encode reference latents, and lay out the joint sequence (once per step)."""
         phrases = [sorted({g.phrase for g in gs}) for gs in groundings]
         prompts = self.prompt_encoder.encode(instructions, vlm_references, phrases)
-        ref_tokens, ref_grids = None, []
-        if ref_pixels:
-            encoded = [self.encode_images(p) for p in ref_pixels]
-            ref_grids = [g for _, g in encoded]
-            if use_ref_latents:
-                ref_tokens = torch.cat([tok for tok, _ in encoded], dim=1)
+        return self.assemble(prompts, [self.encode_latents(p) for p in ref_pixels], groundings, target_grid, use_ref_latents)
+
+    def assemble(
+        self,
+        prompts: EncodedPrompts,
+        ref_latents: list[torch.Tensor],
+        groundings: list[list[Grounding]],
+        target_grid: tuple[int, int],
+        use_ref_latents: bool = True,
+    ) -> Conditioning:
+        """Text stream + reference latents + groundings -> :class:`Conditioning` (shared by online and cached paths)."""
+        ref_grids = [(lat.shape[2] // 2, lat.shape[3] // 2) for lat in ref_latents]
+        ref_tokens = torch.cat([pack(lat) for lat in ref_latents], dim=1) if ref_latents and use_ref_latents else None
         bindings: list[list[PhraseBinding]] = []
         for i, gs in enumerate(groundings):
             by_phrase: dict[str, PhraseBinding] = {}
@@ -146,6 +163,52 @@ class CAGModel(nn.Module):
             phrases=bindings,
         )
         return Conditioning(prompts, ref_tokens, layout)
+
+    def condition_from_cache(
+        self,
+        cached: list[Any],
+        drop_text: list[bool],
+        groundings: list[list[Grounding]],
+        target_grid: tuple[int, int],
+        use_ref_latents: bool = True,
+    ) -> Conditioning:
+        """The same :class:`Conditioning` as :meth:`condition`, from :class:`cag.data.cache.CachedConditioning`."""
+        device = next(self.transformer.parameters()).device
+        seqs, pads, positions = [], [], []
+        for c, dropped in zip(cached, drop_text, strict=True):
+            hid, pad = (c.hidden_null, c.image_pad_null) if dropped else (c.hidden, c.image_pad)
+            seqs.append(torch.from_numpy(hid).to(device))
+            pads.append(torch.from_numpy(pad))
+            positions.append({} if dropped else c.phrase_positions)
+        prompts = EncodedPrompts.from_sequences(seqs, pads, positions)
+        n_refs = len(cached[0].ref_latents)
+        ref_latents = [torch.stack([torch.from_numpy(c.ref_latents[k]) for c in cached]).to(device) for k in range(n_refs)]
+        return self.assemble(prompts, ref_latents, groundings, target_grid, use_ref_latents)
+
+    def _cache_usable(self, cached: list[Any]) -> bool:
+        fp = self.conditioning_fingerprint()
+        stale = [c for c in cached if c.fingerprint != fp or c.target_latent is None]
+        if stale and not getattr(self, "_warned_stale_cache", False):
+            log.warning("cached conditioning was computed with other frozen models (fingerprint %s != %s); "
+                        "encoding online instead", stale[0].fingerprint, fp)
+            self._warned_stale_cache = True
+        return not stale
+
+    def conditioning_fingerprint(self) -> str:
+        """Identity of everything a conditioning cache depends on (VLM, template, codec, weights source/seed)."""
+        if getattr(self, "_fingerprint", None) and self._fingerprint[0] == self.weights_id:
+            return self._fingerprint[1]
+        vlm_cfg = self.vlm.config.to_dict()
+        desc = {
+            "vlm": {k: vlm_cfg.get(k) for k in ("text_config", "vision_config", "image_token_id", "vision_start_token_id")},
+            "template": self.prompt_encoder.template,
+            "drop_idx": self.prompt_encoder.drop_idx,
+            "codec": [type(self.codec).__name__, self.codec.channels, self.codec.downsample],
+            "weights": self.weights_id,
+        }
+        fp = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self._fingerprint = (self.weights_id, fp)
+        return fp
 
     # ------------------------------------------------------------------ denoising
     def predict(self, noisy_target: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -190,10 +253,18 @@ class CAGModel(nn.Module):
         instructions = ["" if d else s for s, d in zip(batch["instructions"], drop_text, strict=True)]
         groundings = [[] if d else g for g, d in zip(batch["groundings"], drop_text, strict=True)]
 
-        x0, grid = self.encode_images(target)
-        cond = self.condition(
-            instructions, batch["vlm_references"], batch["ref_pixels"], groundings, grid, use_ref_latents=not drop_refs
-        )
+        cached = batch.get("cached")
+        if cached is not None and not self._cache_usable(cached):
+            cached = None
+        if cached is not None:
+            x0_lat = torch.stack([torch.from_numpy(c.target_latent) for c in cached]).to(device, target.dtype)
+            x0, grid = pack(x0_lat), (x0_lat.shape[2] // 2, x0_lat.shape[3] // 2)
+            cond = self.condition_from_cache(cached, drop_text, groundings, grid, use_ref_latents=not drop_refs)
+        else:
+            x0, grid = self.encode_images(target)
+            cond = self.condition(
+                instructions, batch["vlm_references"], batch["ref_pixels"], groundings, grid, use_ref_latents=not drop_refs
+            )
         u = compute_density_for_timestep_sampling(
             weighting_scheme=weighting_scheme, batch_size=bsz, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale
         )
@@ -211,6 +282,7 @@ class CAGModel(nn.Module):
             "text_dropped": float(sum(drop_text)) / bsz,
             "phrase_rows": float(mask.num_rows if mask is not None else 0) / bsz,
             "seq_len": float(cond.layout.joint_len),
+            "cached_conditioning": float(cached is not None),
         }
         return loss, info
 
@@ -240,7 +312,9 @@ def build_cag_model(cfg: Any, attention: str = "masked", ref_positions: str = "o
             transformer = transformer.to(dtype)
     if cfg.get("gradient_checkpointing", False):
         transformer.enable_gradient_checkpointing()
-    return CAGModel(
+    model = CAGModel(
         transformer, vlm, processor, codec, attention=attention, ref_positions=ref_positions,
         scheduler_shift=float(cfg.get("scheduler_shift", 3.0)),
     )
+    model.weights_id = str(source) if source is not None else f"random:{seed}"
+    return model

@@ -59,6 +59,26 @@ class EncodedPrompts:
     image_pad: torch.Tensor  # [B, T] bool
     phrase_positions: list[dict[str, list[int]]]  # per sample: phrase -> text-stream positions (all occurrences)
 
+    @classmethod
+    def from_sequences(
+        cls, seqs: list[torch.Tensor], pads: list[torch.Tensor], positions: list[dict[str, list[int]]]
+    ) -> EncodedPrompts:
+        """Right-pad per-sample streams (``[T_i, D]`` hidden, ``[T_i]`` image-pad flags) into a batch."""
+        t_max = max(s.shape[0] for s in seqs)
+        b, d = len(seqs), seqs[0].shape[-1]
+        hid = seqs[0].new_zeros(b, t_max, d)
+        mask = torch.zeros(b, t_max, dtype=torch.bool, device=hid.device)
+        image_pad = torch.zeros(b, t_max, dtype=torch.bool, device=hid.device)
+        for i, s in enumerate(seqs):
+            hid[i, : s.shape[0]] = s
+            mask[i, : s.shape[0]] = True
+            image_pad[i, : s.shape[0]] = pads[i].to(hid.device)
+        return cls(hid, mask, image_pad, positions)
+
+    def sequences(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-sample unpadded ``(hidden [T_i, D], image_pad [T_i])``, the form a cache stores."""
+        return [(self.hidden[i, self.mask[i]], self.image_pad[i, self.mask[i]]) for i in range(self.hidden.shape[0])]
+
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> EncodedPrompts:
         return EncodedPrompts(
             self.hidden.to(device=device, dtype=dtype or self.hidden.dtype),
@@ -118,17 +138,7 @@ class PromptEncoder:
             seqs.append(hidden[i, valid.to(hidden.device)][self.drop_idx :])
             pads.append(torch.tensor([t == self.image_token_id for t in ids[self.drop_idx :]], dtype=torch.bool))
             positions.append(self._phrase_positions(ids, instructions[i], len(references[i]), phrases[i] if phrases else []))
-        t_max = max(s.shape[0] for s in seqs)
-        d = hidden.shape[-1]
-        b = len(seqs)
-        hid = hidden.new_zeros(b, t_max, d)
-        mask = torch.zeros(b, t_max, dtype=torch.bool)
-        image_pad = torch.zeros(b, t_max, dtype=torch.bool)
-        for i, s in enumerate(seqs):
-            hid[i, : s.shape[0]] = s
-            mask[i, : s.shape[0]] = True
-            image_pad[i, : s.shape[0]] = pads[i]
-        return EncodedPrompts(hid, mask.to(hidden.device), image_pad.to(hidden.device), positions)
+        return EncodedPrompts.from_sequences(seqs, pads, positions)
 
     def _phrase_positions(self, ids: list[int], instruction: str, num_refs: int, phrases: list[str]) -> dict[str, list[int]]:
         if not phrases:

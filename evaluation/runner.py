@@ -1,0 +1,855 @@
+"""One evaluation of one model: find it, generate (or reuse) its images, score them, report, track.
+
+``python evaluation/run.py`` is a thin Hydra shell around :func:`evaluate`; the experiment
+scripts call :func:`evaluate` directly with a config composed from the same
+``conf/evaluate.yaml``, so a table and a single evaluation can never disagree about what
+"evaluate" means.
+
+Decisions a reader of the numbers should know about:
+
+* Every metric that cannot run here is reported as skipped with its reason (judge not
+  configured, embedding weights not on disk, no ground truth for the proxies), printed, in
+  ``summary.json`` and as MLflow tags. A skipped metric is "—" in the tables, never 0.
+* Generated images live in a folder keyed by everything that decides them (checkpoint
+  file identity, sampler, seed, sizes, benchmark), not in the timestamped run folder, so a
+  rerun, a larger ``n`` or a second judge reuses them. An image is reused only if its
+  ``generations.jsonl`` line records the same settings and seed; missing images are
+  generated with the seed they would have had in a full run (``seed + index``).
+* The judge's answers are cached on disk by the chat client, so a rerun costs no calls.
+* The headline numbers are written onto the training run too (``eval/PF`` ...), so
+  ``mlflow ui`` shows configurations and their scores side by side. Table 3's runs use
+  another prefix (``eval_noref/``) so they do not overwrite the default evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from cag.data.sample import Sample
+from evaluation.report import (
+    RunSummary,
+    SampleResult,
+    format_markdown_table,
+    summarise,
+    write_html,
+    write_results_jsonl,
+    write_summary_json,
+    write_summary_tables,
+)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "last.ckpt"
+CHECKPOINT_ROOTS = ("outputs/train", "multirun/train")
+GENERATIONS_FILE = "generations.jsonl"
+SETTINGS_FILE = "settings.json"
+UNTRAINED = "untrained"
+JUDGE_KEYS = ("pf", "sc", "overall")
+EMBEDDING_KEYS = ("dino", "clip_i", "clip_t")
+PROXY_KEYS = ("proxy_pf", "proxy_sc", "proxy_overall")
+# metric key -> name in MLflow and the printed report (Table 1's column titles)
+METRIC_NAMES = {
+    "pf": "PF",
+    "sc": "SC",
+    "overall": "Overall",
+    "dino": "DINO",
+    "clip_i": "CLIP-I",
+    "clip_t": "CLIP-T",
+    "proxy_pf": "proxy_PF",
+    "proxy_sc": "proxy_SC",
+    "proxy_overall": "proxy_Overall",
+}
+# sampler fields whose value must match for a generated image to be reused
+_REUSE_FIELDS = (
+    "num_steps",
+    "cfg_scale",
+    "negative_prompt",
+    "use_ref_latents",
+    "attention",
+    "ref_positions",
+    "image_size",
+    "vlm_image_size",
+)
+
+
+class EvaluationError(RuntimeError):
+    """The evaluation cannot run as configured; the message says what to change."""
+
+
+# --------------------------------------------------------------------------- what to evaluate
+
+
+@dataclass
+class EvalTarget:
+    """The model under evaluation: a checkpoint (and the training run that wrote it) or the untrained model."""
+
+    checkpoint: Path | None
+    train_run_id: str | None = None
+    train_run_name: str | None = None
+    found_by: str = "explicit"  # explicit | mlflow | filesystem | untrained
+
+    @property
+    def label(self) -> str:
+        """Row label of the summary table: the training run's name, else the checkpoint's folder."""
+        if self.checkpoint is None:
+            return UNTRAINED
+        if self.train_run_name:
+            return self.train_run_name
+        parent = self.checkpoint.parent
+        return parent.parent.name if parent.name == "checkpoints" else parent.name
+
+
+def _mlflow_client(tracking_uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _training_runs(client: Any, experiment: str) -> list[Any]:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return list(client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=5000))
+
+
+def _resolve(path: str | os.PathLike[str], base: Path) -> Path:
+    p = Path(path).expanduser()
+    return (p if p.is_absolute() else base / p).resolve()
+
+
+def find_target(
+    checkpoint: str | None,
+    *,
+    tracking_uri: str | None,
+    train_experiment: str = "cag",
+    base: str | os.PathLike[str] = ".",
+    roots: Sequence[str] = CHECKPOINT_ROOTS,
+    train_run_id: str | None = None,
+) -> EvalTarget:
+    """The checkpoint to evaluate and the MLflow training run it belongs to.
+
+    ``checkpoint`` None means "the newest": the most recently written ``last.ckpt`` among
+    the files under ``base/<roots>`` and the ``checkpoint/last`` tags of FINISHED runs
+    of ``train_experiment`` (a run still training is not a result yet). ``"untrained"``
+    is the randomly initialised model. An explicit path is matched to its run by the
+    ``checkpoint/last`` / ``checkpoint/best`` tags, or by the run's ``output_dir``.
+    """
+    base_path = Path(base).resolve()
+    if checkpoint == UNTRAINED:
+        return EvalTarget(None, found_by=UNTRAINED)
+    runs: list[Any] = []
+    if tracking_uri:
+        try:
+            runs = _training_runs(_mlflow_client(tracking_uri), train_experiment)
+        except Exception as exc:  # a broken or foreign store must not stop an evaluation of a file
+            log.warning("could not read training runs from %s: %s", tracking_uri, exc)
+    by_ckpt: dict[Path, Any] = {}
+    for run in reversed(runs):  # newest run wins for a path written twice
+        for tag in ("checkpoint/last", "checkpoint/best"):
+            value = run.data.tags.get(tag)
+            if value:
+                by_ckpt[_resolve(value, base_path)] = run
+
+    def run_for(path: Path) -> Any:
+        if path in by_ckpt:
+            return by_ckpt[path]
+        for run in runs:
+            out = run.data.tags.get("output_dir")
+            if out and _resolve(out, base_path) in path.parents:
+                return run
+        return None
+
+    if checkpoint is not None:
+        path = _resolve(checkpoint, base_path)
+        if not path.is_file():
+            raise EvaluationError(f"checkpoint={checkpoint} does not exist (resolved to {path})")
+        found_by = "explicit"
+    else:
+        candidates: dict[Path, str] = {}
+        for root in roots:
+            for p in (base_path / root).rglob(CHECKPOINT_NAME):
+                if p.is_file():
+                    candidates[p.resolve()] = "filesystem"
+        for run in runs:
+            value = run.data.tags.get("checkpoint/last")
+            if run.info.status == "FINISHED" and value:
+                p = _resolve(value, base_path)
+                if p.is_file():
+                    candidates[p] = "mlflow"
+        if not candidates:
+            where = ", ".join(str(base_path / r) for r in roots)
+            raise EvaluationError(
+                f"no checkpoint to evaluate: no {CHECKPOINT_NAME} under {where} and no FINISHED run with a "
+                f"'checkpoint/last' tag in MLflow experiment '{train_experiment}' at {tracking_uri}. "
+                "Train first (python src/train.py), or pass checkpoint=<path> or checkpoint=untrained."
+            )
+        path = max(candidates, key=lambda p: p.stat().st_mtime)
+        found_by = candidates[path]
+    run = None
+    if train_run_id:
+        run = next((r for r in runs if r.info.run_id == train_run_id), None)
+        if run is None:
+            raise EvaluationError(f"train_run_id={train_run_id} is not a run of experiment '{train_experiment}'")
+    else:
+        run = run_for(path)
+    return EvalTarget(
+        checkpoint=path,
+        train_run_id=run.info.run_id if run is not None else None,
+        train_run_name=run.info.run_name if run is not None else None,
+        found_by=found_by,
+    )
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def load_benchmark(data_cfg: Mapping[str, Any], n: int | None) -> list[Sample]:
+    """The test samples: the synthetic split (with ground truth, so proxies can score) or a manifest."""
+    source = data_cfg.get("source", "synthetic")
+    if source == "synthetic":
+        from cag.data.synthetic import SyntheticConfig, generate_split
+
+        syn = dict(data_cfg.get("synthetic") or {})
+        if isinstance(syn.get("num_characters"), list | tuple):
+            syn["num_characters"] = [int(v) for v in syn["num_characters"]]
+        count = int(n if n is not None else data_cfg.get("num_samples", 300))
+        return list(generate_split(str(data_cfg.get("split", "test")), count, SyntheticConfig(**syn)))
+    if source == "manifest":
+        from cag.data.manifest import read_manifest
+
+        path = data_cfg.get("manifest")
+        if not path:
+            raise EvaluationError("data.source=manifest needs data.manifest=<path to the JSONL manifest>")
+        samples = list(read_manifest(path))
+        return samples if n is None else samples[: int(n)]
+    raise EvaluationError(f"data.source={source!r} is not one of ['synthetic', 'manifest']")
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@dataclass
+class GenerationOutcome:
+    """Where the images are and how many had to be made now."""
+
+    directory: Path
+    records: dict[str, dict[str, Any]]
+    generated: int
+    reused: int
+    model_info: dict[str, Any] = field(default_factory=dict)
+
+
+def _file_identity(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {"checkpoint": UNTRAINED}
+    st = path.stat()
+    return {"checkpoint": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def generation_fingerprint(target: EvalTarget, settings: Mapping[str, Any]) -> str:
+    """Short digest of everything that decides the images except the number of samples.
+
+    ``n`` is left out on purpose: image ``i`` does not depend on how many others are
+    generated (per-image seeds), so ``n=32`` after ``n=4`` reuses the first four.
+    """
+    payload = {**_file_identity(target.checkpoint), **settings}
+    blob = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _read_generations(directory: Path) -> dict[str, dict[str, Any]]:
+    path = directory / GENERATIONS_FILE
+    if not path.is_file():
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # an interrupted write; that image is regenerated
+            out[str(rec.get("key"))] = rec
+    return out
+
+
+def _reusable(rec: Mapping[str, Any] | None, sample: Sample, seed: int, expected: Mapping[str, Any], directory: Path) -> bool:
+    if rec is None or rec.get("seed") != seed or rec.get("instruction") != sample.instruction:
+        return False
+    if not (directory / f"{sample.key}.png").is_file():
+        return False
+    return all(rec.get(k) == v for k, v in expected.items())
+
+
+def _contiguous(indices: Sequence[int]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def ensure_generations(
+    target: EvalTarget,
+    samples: Sequence[Sample],
+    root: Path,
+    *,
+    sampler_cfg: Mapping[str, Any],
+    seed: int,
+    batch_size: int,
+    data_cfg: Mapping[str, Any],
+    model_cfg: Any = None,
+    attention: str | None = None,
+    ref_positions: str | None = None,
+    progress: bool = True,
+) -> GenerationOutcome:
+    """Images for ``samples`` in ``root/<fingerprint>``, generating only those not already there.
+
+    The model is loaded only when something is missing, so re-scoring finished images
+    (a new judge, a new metric) does not pay for loading a 20 B-parameter model.
+    """
+    from cag.sampling import SamplerConfig
+
+    sampler = SamplerConfig(
+        num_steps=int(sampler_cfg.get("num_steps", 25)),
+        cfg_scale=float(sampler_cfg.get("cfg_scale", 4.0)),
+        negative_prompt=str(sampler_cfg.get("negative_prompt", " ")),
+        use_ref_latents=bool(sampler_cfg.get("use_ref_latents", True)),
+    )
+    fp_settings = {
+        "sampler": asdict(sampler),
+        "seed": int(seed),
+        "attention": attention,
+        "ref_positions": ref_positions,
+        "data": {k: v for k, v in data_cfg.items() if k != "num_samples"},
+        "model": None if target.checkpoint is not None else model_cfg,
+    }
+    directory = Path(root) / generation_fingerprint(target, fp_settings)
+    directory.mkdir(parents=True, exist_ok=True)
+    existing = _read_generations(directory)
+    settings_path = directory / SETTINGS_FILE
+    stored = json.loads(settings_path.read_text(encoding="utf-8")) if settings_path.is_file() else None
+    expected: dict[str, Any] | None = stored.get("expected") if stored else None
+
+    missing = [
+        i
+        for i, s in enumerate(samples)
+        if expected is None or not _reusable(existing.get(s.key), s, seed + i, expected, directory)
+    ]
+    info: dict[str, Any] = dict(stored.get("model_info", {})) if stored else {}
+    if missing:
+        from cag.generate import generate_samples, load_model_for_inference
+
+        model, info = load_model_for_inference(
+            target.checkpoint, model_cfg if target.checkpoint is None else None, attention, ref_positions
+        )
+        image_size = int(info["image_size"])
+        vlm_image_size = int(info["vlm_image_size"])
+        for block in _contiguous(missing):
+            # seed + block[0] keeps image i on seed + i, as if the whole list had been generated at once
+            new = generate_samples(
+                model,
+                [samples[i] for i in block],
+                directory,
+                sampler=sampler,
+                image_size=image_size,
+                vlm_image_size=vlm_image_size,
+                batch_size=batch_size,
+                seed=seed + block[0],
+                progress=progress,
+                model_info=info,
+            )
+            for rec in new:
+                rec["index"] = block[0] + int(rec["index"])
+                existing[str(rec["key"])] = rec
+        first = existing[samples[missing[0]].key]
+        expected = {k: first.get(k) for k in _REUSE_FIELDS}
+        _write_generations(directory, existing)
+        del model
+        settings_path.write_text(
+            json.dumps(
+                {"expected": expected, "fingerprint_of": fp_settings, "model_info": _jsonable(info),
+                 **_file_identity(target.checkpoint)},
+                indent=2,
+                default=str,
+            ),
+            encoding="utf-8",
+        )
+    return GenerationOutcome(
+        directory=directory,
+        records={s.key: existing[s.key] for s in samples},
+        generated=len(missing),
+        reused=len(samples) - len(missing),
+        model_info=info,
+    )
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _write_generations(directory: Path, records: Mapping[str, Mapping[str, Any]]) -> None:
+    """generate_samples rewrites generations.jsonl per call; this restores the line of every image in the folder."""
+    tmp = directory / (GENERATIONS_FILE + ".tmp")
+    ordered = sorted(records.values(), key=lambda r: (int(r.get("index", 0)), str(r.get("key"))))
+    with tmp.open("w", encoding="utf-8") as fh:
+        for rec in ordered:
+            fh.write(json.dumps(rec, default=str) + "\n")
+    os.replace(tmp, directory / GENERATIONS_FILE)
+
+
+def save_references(samples: Sequence[Sample], directory: Path) -> dict[str, list[str]]:
+    """Reference images as PNG files (the judge sends files byte for byte; the HTML page shows them)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    out: dict[str, list[str]] = {}
+    for s in samples:
+        paths = []
+        for k, ref in enumerate(s.references, start=1):
+            p = directory / f"{s.key}-ref{k}.png"
+            if not p.is_file():
+                ref.save(p)
+            paths.append(str(p))
+        out[s.key] = paths
+    return out
+
+
+# --------------------------------------------------------------------------- judge
+
+
+def judge_availability(judge_cfg: Mapping[str, Any]) -> tuple[bool, str | None]:
+    """Whether the judge can run here, and if not, why (to print, store and tag).
+
+    ``enabled: auto`` runs it when the API key variable is set or a ``base_url`` is
+    configured and answers a TCP connect; ``true`` turns a missing judge into an error;
+    ``false`` skips it.
+    """
+    enabled = judge_cfg.get("enabled", "auto")
+    if enabled is False or str(enabled).lower() == "false":
+        return False, "judge disabled (evaluation.judge.enabled=false)"
+    client = judge_cfg.get("client") or {}
+    env = str(client.get("api_key_env") or "OPENAI_API_KEY")
+    base_url = client.get("base_url")
+    reason: str | None = None
+    if base_url:
+        parsed = urlparse(str(base_url))
+        host = parsed.hostname or ""
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            with socket.create_connection((host, port), timeout=3.0):
+                pass
+        except OSError as exc:
+            reason = f"judge server {parsed.scheme}://{host}:{port} is not reachable ({exc.__class__.__name__})"
+        local = host in ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+        if reason is None and not local and not os.environ.get(env):
+            reason = f"judge at {host} needs an API key: environment variable {env} is not set"
+    elif not os.environ.get(env):
+        reason = (
+            f"no judge configured: environment variable {env} is not set and no judge base_url is given "
+            "(set the key, or use evaluation/judge=local with an OpenAI-compatible server)"
+        )
+    if reason is not None and str(enabled).lower() == "true":
+        raise EvaluationError(f"evaluation.judge.enabled=true but {reason}")
+    return reason is None, reason
+
+
+def run_judge(
+    judge_cfg: Mapping[str, Any],
+    samples: Sequence[Sample],
+    generated: Mapping[str, str],
+    references: Mapping[str, list[str]],
+    out_path: Path,
+    progress: bool = False,
+) -> tuple[dict[str, Any], int, list[str]]:
+    """PF / SC per sample -> (records by key, HTTP calls made, model names the API reported)."""
+    from cag.remote.chat import ChatClient
+    from evaluation.judge import JudgeItem, judge_items, write_jsonl
+
+    client_cfg = {k: v for k, v in dict(judge_cfg.get("client") or {}).items()}
+    client = ChatClient(**client_cfg)
+    items = []
+    for s in samples:
+        scene = (s.truth or {}).get("scene", {}).get("image_id") if s.truth else None
+        items.append(
+            JudgeItem(
+                key=s.key,
+                instruction=s.instruction,
+                references=[Path(p) for p in references[s.key]],
+                generated=Path(generated[s.key]),
+                task_type=s.task_type,
+                scene_ref=int(scene) if scene else None,
+            )
+        )
+    records = judge_items(
+        items,
+        client,
+        criteria=list(judge_cfg.get("criteria") or ["PF", "SC"]),
+        max_tokens=int(judge_cfg.get("max_tokens", 512)),
+        chunk_size=int(judge_cfg.get("chunk_size", 64)),
+        progress=progress,
+    )
+    write_jsonl(records, out_path)
+    reported = sorted({m for r in records for m in r.model_reported.values() if m})
+    return {r.key: r for r in records}, client.calls_made, reported
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def embedding_scores(
+    metrics: Mapping[str, Any],
+    samples: Sequence[Sample],
+    generated: Mapping[str, str],
+    batch_size: int = 16,
+) -> dict[str, dict[str, float]]:
+    """Per-sample DINO / CLIP-I / CLIP-T for the metrics that could be built (key -> metric -> value)."""
+    out: dict[str, dict[str, float]] = {s.key: {} for s in samples}
+    if not metrics:
+        return out
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        images = [_open_rgb(generated[s.key]) for s in chunk]
+        refs = [list(s.references) for s in chunk]
+        prompts = [s.instruction for s in chunk]
+        for name, metric in metrics.items():
+            metric.update(images, refs, prompts)
+            for s, v in zip(chunk, metric.last_values, strict=True):
+                out[s.key][name] = float(v)
+    return out
+
+
+def _open_rgb(path: str | Path) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def proxy_sample_scores(sample: Sample, image: Image.Image) -> tuple[dict[str, float | None], dict[str, Any]]:
+    """Judge-free PF / SC / Overall of one synthetic sample, or the error that prevented it."""
+    from evaluation.proxies import prompt_following_details, proxy_scores, subject_consistency_details
+
+    try:
+        scores = proxy_scores(image, sample.references, sample.truth or {})
+        details = {
+            "pf_per_entity": prompt_following_details(image, sample.truth or {}),
+            "sc_per_subject": subject_consistency_details(image, sample.references, sample.truth or {}),
+        }
+    except Exception as exc:  # TruthError and friends: recorded per sample, never turned into a score
+        return {k: None for k in PROXY_KEYS}, {"proxy_error": f"{type(exc).__name__}: {exc}"}
+    return {"proxy_pf": scores["pf"], "proxy_sc": scores["sc"], "proxy_overall": scores["overall"]}, details
+
+
+# --------------------------------------------------------------------------- the whole evaluation
+
+
+@dataclass
+class EvalOutcome:
+    """What one evaluation produced; ``headline`` is what goes to MLflow and the printed report."""
+
+    output_dir: Path
+    target: EvalTarget
+    rows: list[RunSummary]
+    headline: dict[str, float]
+    skipped: dict[str, str]
+    files: dict[str, Path]
+    generation: GenerationOutcome
+    judge_calls: int = 0
+    judge_models: list[str] = field(default_factory=list)
+    eval_run_id: str | None = None
+
+
+def _plain(cfg: Any) -> Any:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def evaluate(cfg: DictConfig | Mapping[str, Any]) -> EvalOutcome:
+    """Run the evaluation described by a ``conf/evaluate.yaml`` config (see that file for every key)."""
+    c: dict[str, Any] = _plain(cfg)  # type: ignore[assignment]
+    out_dir = Path(c["output_dir"]).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tracking_uri = c.get("tracking_uri") if (c.get("mlflow") or {}).get("enabled", True) else None
+    target = find_target(
+        c.get("checkpoint"),
+        tracking_uri=tracking_uri,
+        train_experiment=str(c.get("train_experiment", "cag")),
+        base=c.get("base_dir") or ".",
+        train_run_id=c.get("train_run_id"),
+    )
+    log.info("evaluating %s (%s, training run %s)", target.checkpoint or UNTRAINED, target.found_by,
+             target.train_run_id or "unknown")
+    data_cfg = dict(c.get("data") or {})
+    samples = load_benchmark(data_cfg, c.get("n"))
+    if not samples:
+        raise EvaluationError("the benchmark has no samples (n=0?)")
+    gen = ensure_generations(
+        target,
+        samples,
+        Path(c.get("generations_root") or out_dir / "generations").resolve(),
+        sampler_cfg=c.get("sampler") or {},
+        seed=int(c.get("seed", 0)),
+        batch_size=int(c.get("batch_size", 4)),
+        data_cfg=data_cfg,
+        model_cfg=c.get("model"),
+        attention=c.get("attention"),
+        ref_positions=c.get("ref_positions"),
+        progress=bool(c.get("progress", True)),
+    )
+    generated = {s.key: str(gen.directory / f"{s.key}.png") for s in samples}
+    references = save_references(samples, gen.directory / "references")
+    skipped: dict[str, str] = {}
+
+    # judge
+    judge_cfg = dict((c.get("evaluation") or {}).get("judge") or {})
+    judge_ok, judge_reason = judge_availability(judge_cfg)
+    judge_records: dict[str, Any] = {}
+    judge_calls, judge_models = 0, []
+    if judge_ok:
+        judge_records, judge_calls, judge_models = run_judge(
+            judge_cfg, samples, generated, references, out_dir / "judge.jsonl", progress=bool(c.get("progress", True))
+        )
+    else:
+        for k in JUDGE_KEYS:
+            skipped[k] = str(judge_reason)
+
+    # DINO / CLIP
+    metrics_cfg = c.get("metrics") or {}
+    if metrics_cfg.get("enabled", True):
+        from evaluation.metrics import build_metrics
+
+        metrics, metric_skips = build_metrics(metrics_cfg)
+        skipped.update(metric_skips)
+    else:
+        metrics = {}
+        skipped.update({k: "embedding metrics disabled (metrics.enabled=false)" for k in EMBEDDING_KEYS})
+    emb = embedding_scores(metrics, samples, generated, int(metrics_cfg.get("batch_size", 16)))
+
+    # judge-free proxies (synthetic data only)
+    want_proxies = str(c.get("proxies", "auto")).lower()
+    has_truth = all(s.truth for s in samples)
+    run_proxies = want_proxies != "false" and has_truth
+    if not run_proxies:
+        reason = "proxies disabled (proxies=false)" if want_proxies == "false" else (
+            "no ground truth: proxies need the synthetic benchmark's Sample.truth")
+        skipped.update({k: reason for k in PROXY_KEYS})
+
+    results: list[SampleResult] = []
+    for s in samples:
+        scores: dict[str, float | None] = {k: None for k in (*JUDGE_KEYS, *EMBEDDING_KEYS, *PROXY_KEYS)}
+        details: dict[str, Any] = {"seed": gen.records[s.key].get("seed")}
+        rec = judge_records.get(s.key)
+        if rec is not None:
+            scores.update(rec.scores())
+            details.update(rec.details())
+        scores.update(emb[s.key])
+        if run_proxies:
+            proxy, proxy_details = proxy_sample_scores(s, _open_rgb(generated[s.key]))
+            scores.update(proxy)
+            details["proxy"] = {**{METRIC_NAMES[k]: v for k, v in proxy.items()}, **proxy_details}
+        results.append(
+            SampleResult(
+                key=s.key,
+                instruction=s.instruction,
+                scores=scores,
+                task_type=s.task_type,
+                generated=generated[s.key],
+                references=references[s.key],
+                details=details,
+            )
+        )
+
+    label = str(c.get("label") or target.label)
+    main_row = summarise(label, results, skipped={k: v for k, v in skipped.items() if k in (*JUDGE_KEYS, *EMBEDDING_KEYS)})
+    rows = [main_row]
+    proxy_row = None
+    if run_proxies:
+        as_judge = [
+            SampleResult(r.key, r.instruction, {k[len("proxy_"):]: r.scores.get(k) for k in PROXY_KEYS}, r.task_type)
+            for r in results
+        ]
+        proxy_row = summarise(f"{label} (judge-free proxy)", as_judge)
+        for k in EMBEDDING_KEYS:  # shown once, in the main row
+            proxy_row.metrics[k] = None
+        rows.append(proxy_row)
+
+    headline: dict[str, float] = {}
+    for k in (*JUDGE_KEYS, *EMBEDDING_KEYS):
+        v = main_row.metrics.get(k)
+        if v is not None:
+            headline[METRIC_NAMES[k]] = float(v)
+    if proxy_row is not None:
+        for k in JUDGE_KEYS:
+            v = proxy_row.metrics.get(k)
+            if v is not None:
+                headline[METRIC_NAMES[f"proxy_{k}"]] = float(v)
+    for k in JUDGE_KEYS:
+        valid, total = main_row.coverage.get(k, (0, len(results)))
+        if k not in skipped:
+            headline[f"coverage_{METRIC_NAMES[k]}"] = valid / total if total else 0.0
+
+    files = {
+        "results": write_results_jsonl(out_dir / "results.jsonl", results),
+        "summary_json": write_summary_json(out_dir / "summary.json", rows),
+    }
+    files["summary_md"], files["summary_csv"] = write_summary_tables(out_dir / "summary", rows)
+    files["html"] = write_html(
+        out_dir / "report.html",
+        results,
+        image_root=out_dir,
+        title=f"CAG evaluation: {label}",
+        summary=rows,
+        embed=bool(c.get("html_embed", True)),
+    )
+    if judge_ok:
+        files["judge"] = out_dir / "judge.jsonl"
+    outcome = EvalOutcome(
+        output_dir=out_dir,
+        target=target,
+        rows=rows,
+        headline=headline,
+        skipped=skipped,
+        files=files,
+        generation=gen,
+        judge_calls=judge_calls,
+        judge_models=judge_models,
+    )
+    info = {
+        "checkpoint": str(target.checkpoint) if target.checkpoint else UNTRAINED,
+        "found_by": target.found_by,
+        "train_run_id": target.train_run_id,
+        "train_run_name": target.train_run_name,
+        "n": len(samples),
+        "generations_dir": str(gen.directory),
+        "generated_now": gen.generated,
+        "reused": gen.reused,
+        "judge": {"enabled": judge_ok, "skipped_reason": judge_reason, "calls": judge_calls,
+                  "model_configured": (judge_cfg.get("client") or {}).get("model"), "model_reported": judge_models},
+        "skipped": skipped,
+        "headline": headline,
+    }
+    if tracking_uri:
+        outcome.eval_run_id = log_to_mlflow(c, outcome, tracking_uri)
+        info["eval_run_id"] = outcome.eval_run_id
+    files["run_info"] = out_dir / "run_info.json"
+    files["run_info"].write_text(json.dumps(_jsonable(info), indent=2), encoding="utf-8")
+    return outcome
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+def _eval_params(c: Mapping[str, Any], outcome: EvalOutcome) -> dict[str, Any]:
+    from cag.utils.config import flatten_config
+
+    judge_client = ((c.get("evaluation") or {}).get("judge") or {}).get("client") or {}
+    base_url = judge_client.get("base_url")
+    params = {
+        "checkpoint": str(outcome.target.checkpoint) if outcome.target.checkpoint else UNTRAINED,
+        "n": len(outcome.generation.records),
+        "seed": c.get("seed"),
+        "sampler": c.get("sampler"),
+        "data": {k: v for k, v in (c.get("data") or {}).items() if k != "num_samples"},
+        "attention_override": c.get("attention"),
+        "ref_positions_override": c.get("ref_positions"),
+        "judge": {
+            "enabled": "skipped" if "pf" in outcome.skipped else "yes",
+            "model": judge_client.get("model"),
+            # host only: a URL may carry credentials in its user-info part
+            "host": urlparse(str(base_url)).hostname if base_url else "api.openai.com",
+        },
+        "model_attention": outcome.generation.model_info.get("attention"),
+        "model_trained_vae_dropout": outcome.generation.model_info.get("trained_vae_dropout"),
+        "global_step": outcome.generation.model_info.get("global_step"),
+    }
+    return {k: ("None" if v is None else str(v))[:500] for k, v in flatten_config(params).items()}
+
+
+def log_to_mlflow(c: Mapping[str, Any], outcome: EvalOutcome, tracking_uri: str) -> str:
+    """One run in the evaluation experiment, tagged with the training run; headline metrics also on that run."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    client = _mlflow_client(tracking_uri)
+    ml = c.get("mlflow") or {}
+    name = str(ml.get("experiment_name", "cag-eval"))
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(
+        name, artifact_location=ml.get("artifact_location") or None
+    )
+    target = outcome.target
+    prefix = str(ml.get("metric_prefix", "eval"))
+    tags = {
+        "mlflow.runName": f"{prefix}:{outcome.rows[0].method}",
+        "train_run_id": target.train_run_id or "",
+        "train_run_name": target.train_run_name or "",
+        "checkpoint": str(target.checkpoint) if target.checkpoint else UNTRAINED,
+        "checkpoint_found_by": target.found_by,
+        "metric_prefix": prefix,
+        "output_dir": str(outcome.output_dir),
+        "generations_dir": str(outcome.generation.directory),
+        "judge/model_reported": ",".join(outcome.judge_models) or "none",
+    }
+    for key, reason in outcome.skipped.items():
+        tags[f"skipped/{METRIC_NAMES.get(key, key)}"] = reason[:4900]
+    run = client.create_run(exp_id, tags=tags)
+    run_id = run.info.run_id
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, 0) for k, v in outcome.headline.items()]
+    metrics += [
+        Metric("judge_calls", float(outcome.judge_calls), now, 0),
+        Metric("generated_now", float(outcome.generation.generated), now, 0),
+    ]
+    params = [Param(k, v) for k, v in _eval_params(c, outcome).items()]
+    client.log_batch(run_id, metrics=metrics, params=params, tags=[])
+    if ml.get("log_artifacts", True):
+        for key in ("results", "summary_md", "summary_csv", "summary_json", "html", "judge"):
+            path = outcome.files.get(key)
+            if path is not None and Path(path).is_file():
+                client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id, "FINISHED")
+    if target.train_run_id:
+        client.log_batch(
+            target.train_run_id,
+            metrics=[Metric(f"{prefix}/{k}", v, now, 0) for k, v in outcome.headline.items()],
+            tags=[RunTag(f"{prefix}/run_id", run_id), RunTag(f"{prefix}/judge_model", tags["judge/model_reported"])],
+        )
+    return run_id
+
+
+# --------------------------------------------------------------------------- printing
+
+
+def format_report(outcome: EvalOutcome) -> str:
+    """What ``evaluation/run.py`` prints: the table, what was skipped and why, where everything went."""
+    lines = [format_markdown_table(outcome.rows).rstrip()]
+    gen = outcome.generation
+    lines.append(
+        f"\nimages: {gen.generated} generated now, {gen.reused} reused, in {gen.directory}"
+    )
+    if outcome.judge_models:
+        lines.append(f"judge: {outcome.judge_calls} calls; model reported by the API: {', '.join(outcome.judge_models)}")
+    if outcome.skipped:
+        lines.append("skipped metrics:")
+        for key, reason in outcome.skipped.items():
+            lines.append(f"  {METRIC_NAMES.get(key, key)}: {reason}")
+    else:
+        lines.append("skipped metrics: none")
+    lines.append(f"outputs: {outcome.output_dir}")
+    for key, path in outcome.files.items():
+        lines.append(f"  {key}: {path}")
+    if outcome.eval_run_id:
+        run = outcome.target.train_run_id
+        lines.append(f"MLflow: evaluation run {outcome.eval_run_id}" + (f", metrics written onto training run {run}" if run else ""))
+    return "\n".join(lines)

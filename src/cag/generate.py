@@ -1,0 +1,458 @@
+"""Inference: load a model (trained checkpoint, real weights, or untrained), generate images, record how.
+
+Two choices here matter for anyone comparing images across runs:
+
+* Every image gets its own seed (``seed + index``) and its own noise, drawn on the CPU
+  from a generator seeded with that seed. An image therefore depends on its seed, its
+  sample and the settings only, never on which samples shared its batch or on the
+  device, so a single bad image can be regenerated alone. :func:`cag.sampling.sample`
+  draws one noise tensor for the whole batch, which ties an image to its batch-mates;
+  :func:`sample_batch` is the same Euler + true-CFG loop with per-image noise (a test
+  keeps the two equal for a batch of one).
+* Every image's line in ``generations.jsonl`` carries all settings that produced it
+  (sampler, attention, reference positions, sizes, checkpoint), so an evaluation or a
+  figure never has to guess what it is looking at.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import pickle
+import time
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cag.data.datamodule import bucket_batches, collate, to_image
+from cag.data.sample import Sample
+from cag.lightning_module import TRAINABLE_PREFIX, CheckpointMismatchError, _arch
+from cag.models.attention import ATTENTION_MODES
+from cag.models.cag_model import CAGModel, Conditioning, build_cag_model
+from cag.models.codec import unpack
+from cag.models.positions import REF_POSITION_MODES
+from cag.sampling import SamplerConfig, guided
+
+log = logging.getLogger(__name__)
+
+GENERATIONS_FILE = "generations.jsonl"
+CHECKPOINT_NAME = "last.ckpt"
+CHECKPOINT_ROOTS = ("outputs/train", "multirun/train")
+
+
+class CheckpointLoadError(ValueError):
+    """A file that is not a usable CAG training checkpoint; the message names the file and the culprit."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _as_dict(cfg: Any) -> dict[str, Any]:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return dict(cfg)
+
+
+def find_latest_checkpoint(base: str | Path = ".", roots: Iterable[str] = CHECKPOINT_ROOTS) -> Path:
+    """Newest ``last.ckpt`` (by modification time) under ``base/<root>`` for each root, for ``ckpt=latest``."""
+    base = Path(base)
+    found = [p for root in roots for p in (base / root).rglob(CHECKPOINT_NAME) if p.is_file()]
+    if not found:
+        where = ", ".join(str(base / r) for r in roots)
+        raise FileNotFoundError(f"ckpt=latest: no {CHECKPOINT_NAME} under {where}; train first or pass ckpt=<path>")
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a Lightning checkpoint with ``weights_only=True`` and check the parts inference needs.
+
+    Only tensors and plain containers are accepted: a checkpoint is data, and a file that
+    needs arbitrary unpickling is refused rather than executed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointLoadError(f"{path}: not a readable PyTorch checkpoint ({first})") from exc
+    if not isinstance(ckpt, dict):
+        raise CheckpointLoadError(f"{path}: expected a Lightning checkpoint (a dict), got {type(ckpt).__name__}")
+    for key in ("state_dict", "hyper_parameters"):
+        if not isinstance(ckpt.get(key), Mapping):
+            raise CheckpointLoadError(f"{path}: key {key!r} missing; not a checkpoint written by src/train.py")
+    if not isinstance(ckpt["hyper_parameters"].get("model"), Mapping):
+        raise CheckpointLoadError(f"{path}: key 'hyper_parameters.model' (the model config) missing")
+    return ckpt
+
+
+def _check_mode(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
+    return value
+
+
+def load_model_for_inference(
+    checkpoint: str | Path | None,
+    model_cfg: Any = None,
+    attention: str | None = None,
+    ref_positions: str | None = None,
+    *,
+    seed: int | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[CAGModel, dict[str, Any]]:
+    """A model ready to sample, and the facts about it that every generated image should record.
+
+    * ``checkpoint`` set: the model is rebuilt from the checkpoint's own model config (the
+      frozen VLM and codec are not stored, so the config and seed that built them are the
+      source of truth) and the trained DiT weights are loaded. A ``model_cfg`` whose
+      architecture differs is refused (:class:`CheckpointMismatchError`) instead of
+      silently using the checkpoint's.
+    * ``checkpoint`` None, ``model_cfg.source`` set: released weights (e.g.
+      Qwen-Image-Edit-2509) through :func:`build_cag_model`, the training code path.
+    * ``checkpoint`` None, no source: a randomly initialised model, the "untrained"
+      baseline; with the training seed it is exactly the model at step 0.
+
+    ``attention`` / ``ref_positions`` override the checkpoint's (inference ablations);
+    ``seed`` overrides the build seed (defaults: the checkpoint's, else 0).
+    """
+    hp: dict[str, Any] = {}
+    state: Mapping[str, Any] | None = None
+    info: dict[str, Any] = {"checkpoint": None, "global_step": None}
+    if checkpoint is not None:
+        ckpt = read_checkpoint(checkpoint)
+        hp = dict(ckpt["hyper_parameters"])
+        saved = dict(hp["model"])
+        if model_cfg is not None:
+            wanted = _as_dict(model_cfg)
+            if _arch(wanted) != _arch(saved):
+                raise CheckpointMismatchError(
+                    f"{checkpoint}: checkpoint was trained with model config {saved.get('name')!r} {_arch(saved)}; "
+                    f"model={wanted.get('name')!r} asks for {_arch(wanted)}"
+                )
+        cfg = saved
+        state = ckpt["state_dict"]
+        info.update(checkpoint=str(Path(checkpoint).resolve()), global_step=ckpt.get("global_step"))
+    elif model_cfg is not None:
+        cfg = _as_dict(model_cfg)
+    else:
+        raise ValueError("load_model_for_inference needs a checkpoint path or a model config (model=tiny / model=...)")
+
+    attention = _check_mode("attention", attention or hp.get("attention", "masked"), ATTENTION_MODES)
+    ref_positions = _check_mode("ref_positions", ref_positions or hp.get("ref_positions", "offset"), REF_POSITION_MODES)
+    build_seed = int(seed if seed is not None else hp.get("seed", 0))
+    model = build_cag_model(OmegaConf.create(cfg), attention=attention, ref_positions=ref_positions, seed=build_seed)
+    if state is not None:
+        _load_transformer_weights(model, state, str(checkpoint))
+    model.requires_grad_(False).eval().to(device)
+    info.update(
+        model_name=cfg.get("name"),
+        model_source=cfg.get("source"),
+        weights="checkpoint" if state is not None else ("pretrained" if cfg.get("source") else "untrained"),
+        attention=attention,
+        ref_positions=ref_positions,
+        build_seed=build_seed,
+        image_size=cfg.get("image_size"),
+        vlm_image_size=cfg.get("vlm_image_size"),
+        trained_attention=hp.get("attention"),
+        trained_vae_dropout=hp.get("vae_dropout"),
+    )
+    return model, info
+
+
+def _load_transformer_weights(model: CAGModel, state: Mapping[str, Any], path: str) -> None:
+    """Exactly the trainable DiT parameters must be present; anything else means another model."""
+    weights = {k[len(TRAINABLE_PREFIX):]: v for k, v in state.items() if k.startswith(TRAINABLE_PREFIX)}
+    expected = {n: p for n, p in model.transformer.named_parameters()}
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    foreign = sorted(k for k in state if not k.startswith(TRAINABLE_PREFIX))
+    if missing or unexpected or foreign:
+        raise CheckpointMismatchError(
+            f"{path}: weights do not fit the model: missing {missing[:5]}, unexpected {(unexpected + foreign)[:5]}"
+        )
+    for name, tensor in weights.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != expected[name].shape:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise CheckpointMismatchError(
+                f"{path}: weight {name!r} has shape {shape}, the model expects {tuple(expected[name].shape)}"
+            )
+    model.transformer.load_state_dict(weights, strict=False)
+
+
+# --------------------------------------------------------------------------- sampling
+
+PredictHook = Callable[[Conditioning, bool], None]
+
+
+def initial_noise(seeds: list[int], num_tokens: int, channels: int) -> torch.Tensor:
+    """One noise tensor per seed, drawn on the CPU so the same seed gives the same image on any device."""
+    out = torch.empty(len(seeds), num_tokens, channels)
+    for i, s in enumerate(seeds):
+        out[i] = torch.randn(num_tokens, channels, generator=torch.Generator().manual_seed(int(s)))
+    return out
+
+
+@torch.no_grad()
+def sample_batch(
+    model: CAGModel,
+    batch: Mapping[str, Any],
+    seeds: list[int],
+    sampler: SamplerConfig,
+    height: int,
+    width: int,
+    *,
+    progress: bool = False,
+    on_predict: PredictHook | None = None,
+) -> torch.Tensor:
+    """Images in [-1, 1] ``[B, 3, height, width]`` for a collated batch, one seed per image.
+
+    Same loop as :func:`cag.sampling.sample` (Euler steps of the model's flow-matching
+    scheduler, true CFG with a separate unconditional pass, rescaled to the conditional
+    norm). ``on_predict(cond, conditional)`` is called before every DiT pass, so observers
+    such as the attention-map recorder can tell the conditional pass from the
+    unconditional one.
+    """
+    bsz = len(batch["instructions"])
+    if len(seeds) != bsz:
+        raise ValueError(f"{len(seeds)} seeds for a batch of {bsz} samples")
+    if sampler.num_steps < 1:
+        raise ValueError(f"num_steps={sampler.num_steps} must be >= 1")
+    param = next(model.transformer.parameters())
+    device, dtype = param.device, param.dtype
+    px = model.codec.token_pixels
+    if height % px or width % px:
+        raise ValueError(f"image size {height}x{width} must be a multiple of {px} (one DiT token)")
+    grid = (height // px, width // px)
+    ref_pixels = [p.to(device) for p in batch["ref_pixels"]]
+    cond = model.condition(
+        list(batch["instructions"]), batch["vlm_references"], ref_pixels, batch["groundings"], grid, sampler.use_ref_latents
+    )
+    uncond = None
+    if sampler.cfg_scale > 1.0:
+        uncond = model.condition(
+            [sampler.negative_prompt] * bsz, batch["vlm_references"], ref_pixels, [[] for _ in range(bsz)], grid,
+            sampler.use_ref_latents,
+        )
+    scheduler = copy.deepcopy(model.scheduler)
+    scheduler.set_timesteps(sampler.num_steps, device=device)
+    latents = initial_noise(seeds, grid[0] * grid[1], model.transformer.config.in_channels).to(device)
+    steps: Iterable[torch.Tensor] = scheduler.timesteps
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="denoising", leave=False)
+    for t in steps:
+        sigma = (t / 1000.0).expand(bsz).to(dtype)
+        if on_predict is not None:
+            on_predict(cond, True)
+        v = model.predict(latents.to(dtype), sigma, cond).float()
+        if uncond is not None:
+            if on_predict is not None:
+                on_predict(uncond, False)
+            v = guided(v, model.predict(latents.to(dtype), sigma, uncond).float(), sampler.cfg_scale)
+        latents = scheduler.step(v, t, latents, return_dict=False)[0]
+    return model.codec.decode(unpack(latents.to(dtype), *grid)).float()
+
+
+class _Numbered:
+    """A sample with its input position; exposes ``references`` so :func:`bucket_batches` can group it."""
+
+    def __init__(self, index: int, sample: Sample) -> None:
+        self.index, self.sample, self.references = index, sample, sample.references
+
+
+def _indexed_batches(samples: Iterable[Sample], batch_size: int) -> Iterator[list[tuple[int, Sample]]]:
+    """:func:`bucket_batches` (one reference count per batch), keeping each sample's input index for its seed."""
+    numbered = (_Numbered(i, s) for i, s in enumerate(samples))
+    for batch in bucket_batches(numbered, batch_size, drop_last=False):  # type: ignore[arg-type]
+        yield [(n.index, n.sample) for n in batch]
+
+
+def _check_key(key: str, seen: set[str]) -> None:
+    if not key or "/" in key or "\\" in key or key in (".", ".."):
+        raise ValueError(f"sample key {key!r} cannot be used as an image file name")
+    if key in seen:
+        raise ValueError(f"sample key {key!r} occurs twice; its image would overwrite the first one")
+    seen.add(key)
+
+
+def generate_samples(
+    model: CAGModel,
+    samples: Iterable[Sample],
+    out_dir: str | Path,
+    *,
+    sampler: SamplerConfig,
+    image_size: int,
+    vlm_image_size: int,
+    batch_size: int = 4,
+    seed: int = 0,
+    progress: bool = True,
+    model_info: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Generate ``<out_dir>/<key>.png`` per sample and one ``generations.jsonl`` line each; return the lines.
+
+    Image ``index`` (position in ``samples``) uses seed ``seed + index`` whatever the batch
+    size. ``generations.jsonl`` is rewritten by each call and flushed after every batch,
+    so an interrupted run still describes the images it wrote.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = dict(model_info or {})
+    settings = {
+        "num_steps": int(sampler.num_steps),
+        "cfg_scale": float(sampler.cfg_scale),
+        "negative_prompt": sampler.negative_prompt,
+        "use_ref_latents": bool(sampler.use_ref_latents),
+        "attention": model.attention,
+        "ref_positions": model.ref_positions,
+        "image_size": [int(image_size), int(image_size)],
+        "vlm_image_size": int(vlm_image_size),
+    }
+    provenance = {
+        "checkpoint": info.get("checkpoint"),
+        "model_name": info.get("model_name"),
+        "model_source": info.get("model_source"),
+        "weights": info.get("weights"),
+        "global_step": info.get("global_step"),
+    }
+    total = len(samples) if isinstance(samples, Sized) else None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="generating", unit="img")
+    was_training = model.training
+    model.eval()
+    records: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    start = time.perf_counter()
+    try:
+        with (out / GENERATIONS_FILE).open("w", encoding="utf-8") as fh:
+            for chunk in _indexed_batches(samples, batch_size):
+                for _, s in chunk:
+                    _check_key(s.key, seen)
+                batch = collate([s for _, s in chunk], image_size, vlm_image_size)
+                seeds = [seed + i for i, _ in chunk]
+                images = sample_batch(model, batch, seeds, sampler, image_size, image_size)
+                for (i, s), img, sd in zip(chunk, images, seeds, strict=True):
+                    path = out / f"{s.key}.png"
+                    to_image(img).save(path)
+                    rec = {
+                        "key": s.key,
+                        "index": i,
+                        "seed": sd,
+                        "image": str(path),
+                        "instruction": s.instruction,
+                        "task_type": s.task_type,
+                        "num_references": len(s.references),
+                        **settings,
+                        **provenance,
+                    }
+                    records.append(rec)
+                    fh.write(json.dumps(rec) + "\n")
+                fh.flush()
+                if bar is not None:
+                    bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    if records:
+        log.info("generated %d images in %.1f s (%.3f images/s) into %s", len(records), seconds,
+                 len(records) / max(seconds, 1e-9), out)
+    return records
+
+
+# --------------------------------------------------------------------------- command line (src/generate.py)
+
+SYNTHETIC_DEFAULT_N = 32
+INPUT_SOURCES = ("synthetic", "shards", "manifest")
+
+
+def samples_from_config(inp: Any) -> list[Sample]:
+    """The samples to generate for: synthetic split, shards, or a manifest (checked as a whole first)."""
+    source = inp.get("source", "synthetic")
+    n = inp.get("n")
+    if n is not None and (isinstance(n, bool) or int(n) < 0):
+        raise ValueError(f"input.n={n!r} must be a non-negative int or null")
+    if source == "synthetic":
+        from cag.data.synthetic import SyntheticConfig, generate_split
+
+        count = SYNTHETIC_DEFAULT_N if n is None else int(n)
+        return list(generate_split(str(inp.get("split", "test")), count, SyntheticConfig(**_as_dict(inp.synthetic))))
+    if source == "shards":
+        import itertools
+
+        from cag.data.shards import iter_shard_samples
+
+        if not inp.get("urls"):
+            raise ValueError("input.source=shards needs input.urls (e.g. data/shards/test/shard-{000000..000001}.tar)")
+        stream = iter_shard_samples(inp.urls, resampled=False, shuffle=0, split_by_node=False, split_by_worker=False)
+        return list(itertools.islice(stream, None if n is None else int(n)))
+    if source == "manifest":
+        from cag.data.manifest import load_manifest
+
+        if not inp.get("manifest"):
+            raise ValueError("input.source=manifest needs input.manifest (a JSONL file)")
+        entries = load_manifest(inp.manifest)  # every line and file checked before any image is generated
+        return [e.to_sample() for e in entries[: None if n is None else int(n)]]
+    raise ValueError(f"input.source={source!r} is not one of {list(INPUT_SOURCES)}")
+
+
+def resolve_checkpoint(ckpt: str | None, base: str | Path = ".") -> Path | None:
+    """``latest`` -> newest ``last.ckpt`` under outputs/train and multirun/train; a path -> itself; null -> None."""
+    if ckpt is None or str(ckpt).lower() in ("null", "none", ""):
+        return None
+    if str(ckpt) == "latest":
+        return find_latest_checkpoint(base)
+    return Path(ckpt)
+
+
+def run_generate(
+    cfg: DictConfig, *, model_explicit: bool = False, ckpt_explicit: bool = False, out_dir: str | Path | None = None
+) -> list[dict[str, Any]]:
+    """Compose the pieces for ``src/generate.py``; returns the ``generations.jsonl`` records.
+
+    ``model_explicit``: the user named ``model=...`` on the command line. Without an
+    explicit ``ckpt=...`` that means "this model's own weights" (real weights or an
+    untrained tiny model); with one, the model config is checked against the checkpoint.
+    """
+    ckpt_value = None if model_explicit and not ckpt_explicit else cfg.get("ckpt")
+    checkpoint = resolve_checkpoint(ckpt_value)
+    if checkpoint is not None:
+        log.info("checkpoint: %s", checkpoint)
+    samples = samples_from_config(cfg.input)  # bad input fails before a model is built
+    if not samples:
+        raise ValueError(f"input.source={cfg.input.source}: no samples to generate for")
+    model, info = load_model_for_inference(
+        checkpoint,
+        cfg.model if (checkpoint is None or model_explicit) else None,
+        attention=cfg.get("attention"),
+        ref_positions=cfg.get("ref_positions"),
+        device=cfg.get("device", "cpu"),
+    )
+    image_size = int(cfg.get("image_size") or info["image_size"])
+    vlm_image_size = int(cfg.get("vlm_image_size") or info["vlm_image_size"])
+    sampler = SamplerConfig(
+        num_steps=int(cfg.num_steps), cfg_scale=float(cfg.cfg_scale), negative_prompt=str(cfg.negative_prompt),
+        use_ref_latents=bool(cfg.use_ref_latents),
+    )
+    target = Path(out_dir or cfg.get("out_dir") or ".")
+    start = time.perf_counter()
+    records = generate_samples(
+        model, samples, target, sampler=sampler, image_size=image_size, vlm_image_size=vlm_image_size,
+        batch_size=int(cfg.batch_size), seed=int(cfg.seed), progress=bool(cfg.get("progress", True)), model_info=info,
+    )
+    seconds = time.perf_counter() - start
+    print(f"{len(records)} images in {seconds:.1f} s ({len(records) / max(seconds, 1e-9):.3f} images/s) -> "
+          f"{target / GENERATIONS_FILE}")
+    return records

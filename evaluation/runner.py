@@ -672,7 +672,8 @@ def evaluate(cfg: DictConfig | Mapping[str, Any]) -> EvalOutcome:
         )
 
     label = str(c.get("label") or target.label)
-    main_row = summarise(label, results, skipped={k: v for k, v in skipped.items() if k in (*JUDGE_KEYS, *EMBEDDING_KEYS)})
+    # every skip (proxies included) goes into the main row, so summary.json names them all with their reasons
+    main_row = summarise(label, results, skipped=dict(skipped))
     rows = [main_row]
     proxy_row = None
     if run_proxies:

@@ -131,3 +131,28 @@ def test_cli_multirun_leaves_one_mlflow_run_per_job(tmp_path):
     runs = _runs(tmp_path)
     assert sorted(runs["params.attention"]) == ["full", "masked"]
     assert set(runs["status"]) == {"FINISHED"}
+
+
+@pytest.mark.parametrize(
+    ("grounding", "culprit"),
+    [
+        ({"phrase": "Rin (Fig.1)", "image_id": 1, "bbox_2d": [500, 100, 400, 900]}, "x2 > x1"),
+        ({"phrase": "Rin (Fig.1)", "image_id": 1, "bbox_2d": [0, 0, 1200, 900]}, "x2=1200"),
+        ({"phrase": "Rin (Fig.1)", "image_id": 3, "bbox_2d": [0, 0, 100, 100]}, "image_id=3"),
+    ],
+)
+def test_bad_grounding_in_user_data_is_refused_before_training(tmp_path, grounding, culprit):
+    import json
+
+    from PIL import Image
+
+    for name in ("a", "b", "t"):
+        Image.new("RGB", (64, 64), (10, 20, 30)).save(tmp_path / f"{name}.png")
+    line = {"references": ["a.png", "b.png"], "target": "t.png", "instruction": "Rin (Fig.1) waves.",
+            "groundings": [grounding]}
+    (tmp_path / "m.jsonl").write_text(json.dumps(line) + "\n")
+    cfg = _cfg(tmp_path, "data=manifest", f"data.manifest={tmp_path / 'm.jsonl'}")
+    with pytest.raises(ValueError) as err:
+        train(cfg)
+    assert culprit in str(err.value) and "m.jsonl:1" in str(err.value)
+    assert not (tmp_path / "mlruns.db").exists()  # nothing logged, nothing built

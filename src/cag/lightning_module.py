@@ -7,7 +7,9 @@ config is refused by name instead of half-loading.
 
 from __future__ import annotations
 
+import logging
 import time
+from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,7 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from cag.models.cag_model import CAGModel, build_cag_model
 
+log = logging.getLogger(__name__)
+
 TRAINABLE_PREFIX = "model.transformer."
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive steps with a NaN/Inf loss or gradient."""
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -40,6 +48,7 @@ class CAGLightningModule(L.LightningModule):
         vae_dropout: float = 0.5,
         text_dropout: float = 0.1,
         seed: int = 0,
+        max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
         model, optim, loss = _container(model), _container(optim), _container(loss or {})
@@ -52,6 +61,10 @@ class CAGLightningModule(L.LightningModule):
         self.loss_cfg = loss
         self._step_start = 0.0
         self.data_skipped = 0
+        self.max_nonfinite_steps = int(max_nonfinite_steps)
+        self.nonfinite_total = 0
+        self.nonfinite_run = 0
+        self.resume_data_position: tuple[int, int] | None = None
 
     # -------------------------------------------------------------- checkpoint contents
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
@@ -70,6 +83,14 @@ class CAGLightningModule(L.LightningModule):
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])
+        fit = checkpoint.get("loops", {}).get("fit_loop", {})
+        if fit:
+            # where the data stream stood: the data module resumes the same epoch order after these batches
+            epoch = int(fit["epoch_progress"]["current"]["completed"])
+            done = int(fit["epoch_loop.batch_progress"]["current"]["completed"])
+            self.resume_data_position = (epoch, done)
         saved = checkpoint.get("hyper_parameters", {}).get("model")
         mine = self.hparams["model"]
         if saved is not None and _arch(saved) != _arch(mine):
@@ -89,21 +110,56 @@ class CAGLightningModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         ds = getattr(self.trainer.train_dataloader, "dataset", None)
-        if hasattr(ds, "set_epoch"):
+        if hasattr(ds, "set_epoch"):  # not called when Lightning resumes mid-epoch: see resume_data_position
             ds.set_epoch(self.current_epoch)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         loss, info = self.model.training_loss(batch, vae_dropout=self.vae_dropout, text_dropout=self.text_dropout, **self.loss_cfg)
         bsz = batch["target_pixels"].shape[0]
+        if not torch.isfinite(loss):
+            self._nonfinite(f"loss={loss.item()} (batch {batch['keys'][:3]})")
+            return None  # Lightning skips backward and the optimizer step
         self.data_skipped += int(batch.get("data_skipped", 0))
         self.log("train/loss", loss, prog_bar=True, batch_size=bsz)
         self.log("data/skipped_samples", float(self.data_skipped), batch_size=1, reduce_fx="max")
         for k, v in info.items():
             self.log(f"train/{k}", v, batch_size=bsz)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.model.transformer.parameters() if p.grad is not None]
+        if not grads:  # training_step returned None (non-finite loss): nothing to apply, nothing to reset
+            return
+        norm = torch.nn.utils.get_total_norm(grads)
+        if not torch.isfinite(norm):
+            for p in self.model.transformer.parameters():
+                p.grad = None  # AdamW leaves parameters without gradients untouched: the step is skipped
+            self._nonfinite(f"gradient norm={norm.item()}")
+            return
+        self.nonfinite_run = 0
+        self.log("train/grad_norm", norm, batch_size=1)
+
+    def _nonfinite(self, what: str) -> None:
+        """Count a skipped step; after ``max_nonfinite_steps`` in a row, stop with the last good weights saved."""
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        log.warning("step %d: non-finite %s; step skipped (%d in a row, %d in all)", self.global_step, what,
+                    self.nonfinite_run, self.nonfinite_total)
+        self.log("train/nonfinite_steps", float(self.nonfinite_total), batch_size=1, reduce_fx="max")
+        if self.nonfinite_run >= self.max_nonfinite_steps:
+            path = Path(self.trainer.default_root_dir) / "checkpoints" / "last_good.ckpt"
+            self.trainer.save_checkpoint(path)
+            raise NonFiniteTrainingError(
+                f"{self.nonfinite_run} consecutive training steps had a non-finite loss or gradient (last: {what}); "
+                f"training stopped at step {self.global_step}. The last good weights are in {path}"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the step's random draws (VAE/text dropout, timesteps, noise) continue exactly after a resume
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.log("train/step_time_s", time.perf_counter() - self._step_start, batch_size=1)

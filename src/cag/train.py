@@ -48,10 +48,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 cfg.logger.mlflow.run_name = run_name_from_hydra()
             cfg.logger.mlflow.tags = {"tags": ",".join(cfg.get("tags", [])), "attention": cfg.attention,
                                       "vae_dropout": str(cfg.vae_dropout)}
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.setup("fit")  # user data (manifest) is validated here, before a model is built or a run is logged
     loggers = instantiate_group(cfg.get("logger"))
     callbacks = instantiate_group(cfg.get("callbacks"))
-
-    datamodule = hydra.utils.instantiate(cfg.data)
     module = CAGLightningModule(
         model=cfg.model, optim=cfg.optim, loss=cfg.loss, attention=cfg.attention, ref_positions=cfg.ref_positions,
         vae_dropout=cfg.vae_dropout, text_dropout=cfg.text_dropout, seed=cfg.seed,

@@ -22,7 +22,7 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.utils import pytorch_worker_info
 
 from cag.data.sample import GroundingError, Sample
@@ -106,10 +106,12 @@ class SampleStream(IterableDataset):
         super().__init__()
         self.dm, self.split, self.train = dm, split, train
         self.epoch = 0
+        self.skip_batches = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning each epoch so the shuffled order differs per epoch yet is reproducible."""
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Per-epoch reproducible order; ``skip_batches`` drops the batches a resumed run already trained on."""
         self.epoch = epoch
+        self.skip_batches = skip_batches
 
     def _samples(self) -> Iterator[Sample]:
         dm = self.dm
@@ -158,7 +160,12 @@ class SampleStream(IterableDataset):
         reported = 0
         batches = bucket_batches(self._samples(), dm.batch_size, drop_last=self.train)
         if self.train:
-            batches = itertools.islice(batches, max(1, dm.epoch_batches // max(1, dm.num_workers)))
+            # DataLoader takes batches from workers round-robin: worker w made batches w, w+n, ... of the epoch
+            info = get_worker_info()
+            wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+            per_worker = max(1, dm.epoch_batches // nw)
+            done = len(range(wid, self.skip_batches, nw))
+            batches = itertools.islice(batches, done, per_worker)
         for b in batches:
             batch = collate(b, dm.image_size, dm.vlm_image_size)
             # skips happen in worker processes: their count travels with the batches
@@ -227,10 +234,18 @@ class CAGDataModule(L.LightningDataModule):
             batch_size=None,
             num_workers=self.num_workers,
             persistent_workers=False,
+            # its own generator: creating iterators must not consume the training RNG (exact resume)
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
+        loader = self._loader("train", True)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        position = getattr(module, "resume_data_position", None)
+        if position is not None:  # a resumed run: same epoch order, minus the batches already trained on
+            loader.dataset.set_epoch(*position)
+            module.resume_data_position = None
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val" if self.source == "synthetic" else "train", False)

@@ -1,0 +1,282 @@
+"""Text-to-reference attention maps (paper Sec. 4.4.2, Fig. 6).
+
+For one grounded phrase (e.g. "Rin (Fig.1)") we want to see where its tokens look in the
+reference images' latent tokens, under full and under masked attention. The recorder is a
+:class:`CAGAttnProcessor` whose ``attend`` first recomputes, for the phrase's query rows
+only, ``softmax(q k^T / sqrt(d))`` with **the same mask the layer applies** (padding for
+full attention; the phrase rows' eq. 9 mask for masked attention), then runs the normal
+attention unchanged, so recording never alters the image. Probabilities are averaged over
+heads, the chosen layers, the conditional passes of all sampling steps and the phrase's
+tokens (every occurrence), and each reference's slice is reshaped to its token grid.
+
+Under masked attention a phrase row cannot see outside its box, so its map is exactly
+zero there; a row's total mass on reference tokens is at most 1 (the rest goes to text
+and target tokens).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from cag.data.sample import BOX_SCALE, Sample
+from cag.models.attention import CAGAttnProcessor, PhraseRowMask
+from cag.models.cag_model import CAGModel, Conditioning
+
+MODE_TITLES = {"full": "Full Attn.", "masked": "Mask Attn."}
+
+
+def phrase_probabilities(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    rows: Sequence[int],
+    padding_mask: torch.Tensor | None,
+    cag_mask: PhraseRowMask | None,
+    sample: int = 0,
+) -> torch.Tensor:
+    """Attention probabilities ``[H, R, L]`` of joint rows ``rows`` of one sample, under the layer's own mask.
+
+    ``query``/``key``: ``[B, L, H, D]`` as :meth:`CAGAttnProcessor.attend` receives them.
+    With ``cag_mask`` (masked attention) each phrase row uses its eq. 9 key mask; without
+    it, the key-padding mask of full attention.
+    """
+    length = key.shape[1]
+    allowed = torch.ones(len(rows), length, dtype=torch.bool, device=key.device)
+    if padding_mask is not None:
+        allowed &= padding_mask[sample].reshape(-1)[None, :].bool()
+    if cag_mask is not None:
+        where = {int(r): p for p, (r, v) in enumerate(zip(cag_mask.rows[sample], cag_mask.valid[sample], strict=True)) if v}
+        missing = [r for r in rows if int(r) not in where]
+        if missing:
+            raise ValueError(f"rows {missing} are not phrase rows of the masked-attention layout")
+        allowed = torch.stack([cag_mask.allowed[sample, where[int(r)]] for r in rows])
+    idx = torch.as_tensor(list(rows), dtype=torch.long, device=query.device)
+    q = query[sample, idx].float()  # [R, H, D]
+    k = key[sample].float()  # [L, H, D]
+    logits = torch.einsum("rhd,lhd->hrl", q, k) / math.sqrt(q.shape[-1])
+    logits = logits.masked_fill(~allowed[None], float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+@dataclass
+class PhraseAttention:
+    """Averaged attention of one phrase to each reference's latent tokens."""
+
+    phrase: str
+    attention: str  # full | masked
+    maps: list[torch.Tensor]  # per reference: [grid_h, grid_w], mean over tokens/heads/layers/steps
+    token_mass: torch.Tensor  # [R]: per phrase token, mean total probability on all reference latents
+    observations: int  # (layer, step) pairs averaged
+    layers: list[int] = field(default_factory=list)
+
+    @property
+    def mass_per_reference(self) -> list[float]:
+        """Share of the phrase's attention that lands on each reference (``sum(maps[i])``)."""
+        return [float(m.sum()) for m in self.maps]
+
+
+class _LayerRecorder(CAGAttnProcessor):
+    """Processor of one recorded layer: report to the recorder, then attend exactly as the stock processor."""
+
+    def __init__(self, recorder: PhraseAttentionRecorder, layer: int) -> None:
+        super().__init__()
+        self.recorder, self.layer = recorder, layer
+
+    def attend(self, query, key, value, padding_mask, cag_mask):  # type: ignore[override]
+        self.recorder.observe(query, key, padding_mask, cag_mask)
+        return super().attend(query, key, value, padding_mask, cag_mask)
+
+
+class PhraseAttentionRecorder:
+    """Install on a model, pass :meth:`on_predict` to :func:`cag.generate.sample_batch`, read :meth:`result`.
+
+    Only the conditional DiT passes are recorded (the unconditional pass has no phrase).
+    Batches of one sample only: one phrase, one set of reference grids.
+    """
+
+    def __init__(self, model: CAGModel, phrase: str, layers: Sequence[int] | None = None) -> None:
+        blocks = len(model.transformer.transformer_blocks)
+        chosen = list(range(blocks)) if layers is None else [int(i) for i in layers]
+        bad = [i for i in chosen if not -blocks <= i < blocks]
+        if bad or not chosen:
+            raise ValueError(f"layers={list(layers or [])}: the model has transformer blocks 0..{blocks - 1}")
+        self.model, self.phrase = model, phrase
+        self.layers = sorted({i % blocks for i in chosen})
+        self._active = False
+        self._rows: list[int] = []
+        self._segments: list[tuple[int, int]] = []
+        self._grids: list[tuple[int, int]] = []
+        self._sums: list[torch.Tensor] = []
+        self._token_mass: torch.Tensor | None = None
+        self.observations = 0
+        self.attention_mode: str | None = None
+
+    @contextmanager
+    def installed(self) -> Iterator[PhraseAttentionRecorder]:
+        """Swap recording processors into the chosen layers; the previous processors come back afterwards."""
+        transformer = self.model.transformer
+        previous = dict(transformer.attn_processors)
+        procs: dict[str, Any] = {}
+        for name, proc in previous.items():
+            layer = int(name.split(".")[1])
+            procs[name] = _LayerRecorder(self, layer) if layer in self.layers else proc
+        transformer.set_attn_processor(procs)
+        try:
+            yield self
+        finally:
+            transformer.set_attn_processor(previous)
+
+    def on_predict(self, cond: Conditioning, conditional: bool) -> None:
+        """Called before each DiT pass; locates the phrase rows and reference segments of the conditional pass."""
+        self._active = conditional
+        if not conditional:
+            return
+        layout = cond.layout
+        if layout.batch_size != 1:
+            raise ValueError(f"attention maps are recorded for one sample at a time, got a batch of {layout.batch_size}")
+        positions = cond.prompts.phrase_positions[0]
+        if self.phrase not in positions:
+            raise ValueError(f"phrase {self.phrase!r} is not a grounded phrase of this sample; grounded: {sorted(positions)}")
+        if not positions[self.phrase]:
+            raise ValueError(f"phrase {self.phrase!r} has no tokens in the instruction")
+        if not layout.refs_present:
+            raise ValueError("attention to reference latents needs use_ref_latents=true")
+        self._rows = list(positions[self.phrase])
+        t = layout.text_len
+        self._segments = [(t + s, t + e) for s, e in layout.image_segments[1:]]
+        self._grids = list(layout.ref_grids)
+        self.attention_mode = self.model.attention
+
+    def observe(self, query: torch.Tensor, key: torch.Tensor, padding_mask: torch.Tensor | None,
+                cag_mask: PhraseRowMask | None) -> None:
+        """Add one layer's head-averaged probabilities (conditional passes only)."""
+        if not self._active:
+            return
+        probs = phrase_probabilities(query, key, self._rows, padding_mask, cag_mask).mean(dim=0).cpu()  # [R, L]
+        parts = [probs[:, s:e] for s, e in self._segments]
+        if self._token_mass is None:
+            self._sums = [torch.zeros_like(p) for p in parts]
+            self._token_mass = torch.zeros(probs.shape[0])
+        for acc, p in zip(self._sums, parts, strict=True):
+            acc += p
+        self._token_mass += torch.stack([p.sum(dim=-1) for p in parts]).sum(dim=0)
+        self.observations += 1
+
+    def result(self) -> PhraseAttention:
+        if not self.observations or self._token_mass is None:
+            raise RuntimeError("nothing recorded: run sample_batch(..., on_predict=recorder.on_predict) inside installed()")
+        n = self.observations
+        maps = [(acc / n).mean(dim=0).reshape(h, w) for acc, (h, w) in zip(self._sums, self._grids, strict=True)]
+        return PhraseAttention(self.phrase, self.attention_mode or self.model.attention, maps, self._token_mass / n, n,
+                               list(self.layers))
+
+
+def default_phrase(sample: Sample) -> str:
+    """The first grounded phrase that names a subject reference ("Name (Fig.k)"), else the first grounded phrase."""
+    if not sample.groundings:
+        raise ValueError(f"sample {sample.key!r} has no groundings; attention maps need a grounded phrase")
+    for g in sample.groundings:
+        if g.phrase.endswith(f"(Fig.{g.image_id})") and g.image_id < len(sample.references):
+            return g.phrase
+    return sample.groundings[0].phrase
+
+
+def record_phrase_attention(
+    model: CAGModel,
+    sample: Sample,
+    phrase: str,
+    *,
+    modes: Sequence[str] = ("full", "masked"),
+    layers: Sequence[int] | None = None,
+    sampler: Any = None,
+    image_size: int = 64,
+    vlm_image_size: int = 64,
+    seed: int = 0,
+) -> dict[str, tuple[PhraseAttention, Image.Image]]:
+    """Sample ``sample`` once per attention mode (same seed) and record ``phrase``'s maps; the model's mode is restored."""
+    from cag.data.datamodule import collate, to_image
+    from cag.generate import sample_batch
+    from cag.models.attention import ATTENTION_MODES
+    from cag.sampling import SamplerConfig
+
+    sampler = sampler or SamplerConfig()
+    grounded = sorted({g.phrase for g in sample.groundings})
+    if phrase not in grounded:
+        raise ValueError(f"phrase {phrase!r} is not grounded in sample {sample.key!r}; grounded: {grounded}")
+    for mode in modes:
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"attention mode {mode!r} is not one of {list(ATTENTION_MODES)}")
+    batch = collate([sample], image_size, vlm_image_size)
+    original = model.attention
+    out: dict[str, tuple[PhraseAttention, Image.Image]] = {}
+    try:
+        for mode in modes:
+            model.attention = mode
+            recorder = PhraseAttentionRecorder(model, phrase, layers)
+            with recorder.installed():
+                images = sample_batch(model, batch, [seed], sampler, image_size, image_size, on_predict=recorder.on_predict)
+            out[mode] = (recorder.result(), to_image(images[0]))
+    finally:
+        model.attention = original
+    return out
+
+
+def render_attention_figure(
+    sample: Sample,
+    phrase: str,
+    results: dict[str, tuple[PhraseAttention, Image.Image]],
+    display_size: int = 160,
+) -> Image.Image:
+    """One row per attention mode: each reference with the phrase's heatmap over it, then the generated image.
+
+    Each row is normalised by its own maximum over all references, so a row shows where
+    the phrase's attention goes relative to everywhere else it goes; the per-reference
+    mass is printed so rows stay comparable in absolute terms. The phrase's box is drawn
+    (dashed) on its reference.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import patches
+
+    n_refs = len(sample.references)
+    boxes = [g for g in sample.groundings if g.phrase == phrase]
+    fig, axes = plt.subplots(len(results), n_refs + 1, figsize=(2.2 * (n_refs + 1), 2.4 * len(results) + 0.4),
+                             squeeze=False)
+    for row, (mode, (att, generated)) in enumerate(results.items()):
+        peak = max(float(m.max()) for m in att.maps) or 1.0
+        for r in range(n_refs):
+            ax = axes[row][r]
+            ref = sample.references[r].convert("RGB").resize((display_size, display_size))
+            heat = torch.nn.functional.interpolate(att.maps[r][None, None].float(), size=(display_size, display_size),
+                                                   mode="nearest")[0, 0]
+            ax.imshow(ref)
+            ax.imshow((heat / peak).numpy(), cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+            for g in boxes:
+                if g.image_id == r + 1:
+                    x1, y1, x2, y2 = (v / BOX_SCALE * display_size for v in g.bbox_2d)
+                    ax.add_patch(patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="white", ls="--", lw=1))
+            ax.set_title(f"Fig.{r + 1}  mass {att.mass_per_reference[r]:.3f}", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        ax = axes[row][n_refs]
+        ax.imshow(generated.resize((display_size, display_size)))
+        ax.set_title("generated", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        axes[row][0].set_ylabel(MODE_TITLES.get(mode, mode), fontsize=10)
+    fig.suptitle(f'attention of "{phrase}" to reference latents ({sample.key})', fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")

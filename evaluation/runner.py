@@ -167,7 +167,8 @@ def find_target(
         if path in by_ckpt:
             return by_ckpt[path]
         for run in runs:
-            out = run.data.tags.get("output_dir")
+            # the tag is set when training ends; the param is logged at its start (a run still training)
+            out = run.data.tags.get("output_dir") or run.data.params.get("paths/output_dir")
             if out and _resolve(out, base_path) in path.parents:
                 return run
         return None
@@ -196,6 +197,13 @@ def find_target(
                 f"'checkpoint/last' tag in MLflow experiment '{train_experiment}' at {tracking_uri}. "
                 "Train first (python src/train.py), or pass checkpoint=<path> or checkpoint=untrained."
             )
+        # a run that is still training rewrites its last.ckpt: prefer finished work, unless there is none
+        settled = {p: how for p, how in candidates.items() if getattr(run_for(p), "info", None) is None
+                   or run_for(p).info.status != "RUNNING"}
+        if settled:
+            candidates = settled
+        else:
+            log.warning("every checkpoint found belongs to a run that is still RUNNING; evaluating the newest anyway")
         path = max(candidates, key=lambda p: p.stat().st_mtime)
         found_by = candidates[path]
     run = None

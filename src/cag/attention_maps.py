@@ -280,3 +280,75 @@ def render_attention_figure(
     plt.close(fig)
     buf.seek(0)
     return Image.open(buf).convert("RGB")
+
+
+def run_visualize_attention(cfg: Any, *, model_explicit: bool = False, ckpt_explicit: bool = False) -> dict[str, Any]:
+    """``src/visualize_attention.py``: pick the sample and phrase, record both modes, write PNG + JSON."""
+    import json
+    from pathlib import Path
+
+    from omegaconf import open_dict
+
+    from cag.generate import load_model_for_inference, resolve_checkpoint, samples_from_config
+    from cag.sampling import SamplerConfig
+
+    inp = cfg.input
+    key, index = inp.get("key"), int(inp.get("index", 0))
+    if inp.get("source", "synthetic") == "synthetic" and key is None and inp.get("n") is None:
+        with open_dict(inp):
+            inp.n = index + 1  # generate only what is needed
+    samples = samples_from_config(inp)
+    if key is not None:
+        found = [s for s in samples if s.key == key]
+        if not found:
+            raise ValueError(f"input.key={key!r} is not in the input ({len(samples)} samples, e.g. {samples[0].key!r})")
+        sample = found[0]
+    else:
+        if not 0 <= index < len(samples):
+            raise ValueError(f"input.index={index} is outside the input's {len(samples)} samples")
+        sample = samples[index]
+    phrase = cfg.get("phrase") or default_phrase(sample)
+
+    checkpoint = resolve_checkpoint(None if model_explicit and not ckpt_explicit else cfg.get("ckpt"))
+    model, info = load_model_for_inference(
+        checkpoint, cfg.model if (checkpoint is None or model_explicit) else None, device=cfg.get("device", "cpu")
+    )
+    image_size = int(cfg.get("image_size") or info["image_size"])
+    vlm_image_size = int(cfg.get("vlm_image_size") or info["vlm_image_size"])
+    sampler = SamplerConfig(num_steps=int(cfg.num_steps), cfg_scale=float(cfg.cfg_scale),
+                            negative_prompt=str(cfg.negative_prompt), use_ref_latents=True)
+    layers = list(cfg.layers) if cfg.get("layers") is not None else None
+    results = record_phrase_attention(model, sample, phrase, modes=list(cfg.modes), layers=layers, sampler=sampler,
+                                      image_size=image_size, vlm_image_size=vlm_image_size, seed=int(cfg.seed))
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"attention_{sample.key}"
+    figure = render_attention_figure(sample, phrase, results, display_size=int(cfg.display_size))
+    figure.save(out / f"{stem}.png")
+    summary = {
+        "key": sample.key,
+        "phrase": phrase,
+        "instruction": sample.instruction,
+        "groundings": [g.to_json() for g in sample.groundings if g.phrase == phrase],
+        "checkpoint": info.get("checkpoint"),
+        "model_name": info.get("model_name"),
+        "num_steps": sampler.num_steps,
+        "cfg_scale": sampler.cfg_scale,
+        "seed": int(cfg.seed),
+        "modes": {
+            mode: {
+                "layers": att.layers,
+                "observations": att.observations,
+                "mass_per_reference": att.mass_per_reference,
+                "max_token_mass": float(att.token_mass.max()),
+                "maps": [m.tolist() for m in att.maps],
+            }
+            for mode, (att, _) in results.items()
+        },
+        "figure": str(out / f"{stem}.png"),
+    }
+    (out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
+    masses = "; ".join(f"{m}: " + ", ".join(f"Fig.{i + 1}={v:.3f}" for i, v in enumerate(d["mass_per_reference"]))
+                       for m, d in summary["modes"].items())
+    print(f'"{phrase}" ({sample.key}) attention mass per reference -> {masses}\nfigure: {summary["figure"]}')
+    return summary

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -134,7 +134,8 @@ class CAGLightningModule(L.LightningModule):
         if not grads:  # training_step returned None (non-finite loss): nothing to apply, nothing to reset
             return
         norm = torch.nn.utils.get_total_norm(grads)
-        if not torch.isfinite(norm):
+        # under FSDP each rank sees only its shard: all ranks must agree to skip
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(norm)), all=True):
             for p in self.model.transformer.parameters():
                 p.grad = None  # AdamW leaves parameters without gradients untouched: the step is skipped
             self._nonfinite(f"gradient norm={norm.item()}")
@@ -190,4 +191,5 @@ def _arch(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
         "transformer": model_cfg.get("transformer"),
         "codec": model_cfg.get("codec"),
         "vlm_text": (model_cfg.get("vlm") or {}).get("text"),
+        "lora": model_cfg.get("lora"),
     }

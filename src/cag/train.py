@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cag.lightning_module import CAGLightningModule
+from cag.parallel import avoid_double_checkpointing
 from cag.utils.config import flatten_config, validate_train_config
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         vae_dropout=cfg.vae_dropout, text_dropout=cfg.text_dropout, seed=cfg.seed,
     )
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    avoid_double_checkpointing(trainer, module.model.transformer)  # FSDP checkpoints blocks itself
     for lg in loggers:
         lg.log_hyperparams(flatten_config(cfg))
 

@@ -169,10 +169,15 @@ def test_newest_checkpoint_wins_and_is_matched_to_its_run_while_running_runs_are
     done = client.create_run(exp, tags={"checkpoint/last": str(new), "mlflow.runName": "finished-run"})
     client.set_terminated(done.info.run_id, "FINISHED")
     client.create_run(exp, tags={"checkpoint/last": str(running)})  # still RUNNING: not a result yet
+    # a run still training (output_dir known only from its params) rewrites the newest file under outputs/
+    in_progress = _touch(tmp_path / "outputs/train/c/checkpoints/last.ckpt", 4_000)
+    training = client.create_run(exp)
+    client.log_param(training.info.run_id, "paths/output_dir", str(in_progress.parent.parent))
 
     target = find_target(None, tracking_uri=uri, base=tmp_path)
     assert target.checkpoint == new.resolve() and target.train_run_id == done.info.run_id
     assert target.label == "finished-run"
+    assert find_target(str(in_progress), tracking_uri=uri, base=tmp_path).train_run_id == training.info.run_id
     explicit = find_target(str(old), tracking_uri=uri, base=tmp_path)
     assert explicit.checkpoint == old.resolve() and explicit.train_run_id is None
     assert find_target("untrained", tracking_uri=uri, base=tmp_path).checkpoint is None

@@ -115,7 +115,9 @@ def test_real_config_as_shipped_loads_bf16_with_gradient_checkpointing_and_train
                                states["transformer"]["img_in.weight"].to(torch.bfloat16).float(), rtol=0, atol=0)
     model.train()
     torch.manual_seed(0)
-    loss, _ = model.training_loss(synthetic_batch, vae_dropout=0.0)
+    # bf16 weights train under bf16 autocast, as trainer=gpu/ddp/fsdp (precision bf16-mixed) run them
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model.training_loss(synthetic_batch, vae_dropout=0.0)
     loss.backward()
     assert torch.isfinite(loss)
     assert model.transformer.transformer_blocks[0].attn.to_q.weight.grad.abs().sum() > 0

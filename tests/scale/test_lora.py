@@ -81,3 +81,16 @@ def test_lora_training_with_gradient_checkpointing_updates_and_checkpoints_only_
     assert set(saved["state_dict"]) == {TRAINABLE_PREFIX + k for k in names}
     for k in names:
         torch.testing.assert_close(saved["state_dict"][TRAINABLE_PREFIX + k], now[k].detach())
+
+
+def test_the_composed_lora_model_config_drives_apply_lora(tiny_model_factory, root):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["model=qwen_image_edit_2509_lora"])
+    dit = tiny_model_factory().transformer
+    n = apply_lora(dit, cfg.model.lora)  # the DictConfig as build_cag_model would pass it
+    c = dit.config
+    inner = c.num_attention_heads * c.attention_head_dim
+    assert n == lora_parameter_count(c.num_layers, inner, 4 * inner, int(cfg.model.lora.rank))
+    assert {p.dtype for n_, p in dit.named_parameters() if p.requires_grad} == {torch.float32}

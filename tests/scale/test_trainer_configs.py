@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import hydra
 import pytest
 import torch
-from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+from diffusers import QwenImageTransformer2DModel
 from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.plugins.precision import FSDPPrecision
@@ -46,13 +46,13 @@ def test_fsdp_config_builds_lightning_fsdp_strategy_wrapping_and_checkpointing_d
     assert str(strategy.sharding_strategy) == "ShardingStrategy.FULL_SHARD"
     policy = strategy.kwargs["auto_wrap_policy"]
     assert isinstance(policy, ModuleWrapPolicy)
-    assert policy._module_classes == {QwenImageTransformerBlock, Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock,
-                                      Qwen2_5_VLForConditionalGeneration, AutoencoderKLQwenImage}
+    # block classes only: whole-VLM / VAE units would be bypassed by PromptEncoder.vlm and vae.encode
+    assert policy._module_classes == {QwenImageTransformerBlock, Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock}
     assert strategy.kwargs["use_orig_params"] is True  # frozen VLM and trainable DiT may share FSDP units
     ckpt_policy = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]
     assert ckpt_policy._module_classes == {QwenImageTransformerBlock}
-    # the block classes are the ones the libraries declare as unsplittable
-    assert {c.__name__ for c in policy._module_classes} >= (
+    # exactly the classes the libraries declare as unsplittable
+    assert {c.__name__ for c in policy._module_classes} == (
         set(QwenImageTransformer2DModel._no_split_modules) | set(Qwen2_5_VLForConditionalGeneration._no_split_modules)
     )
     mp = FSDPPrecision(cfg.trainer.precision).mixed_precision_config

@@ -312,6 +312,10 @@ def build_cag_model(cfg: Any, attention: str = "masked", ref_positions: str = "o
             transformer = transformer.to(dtype)
     if cfg.get("gradient_checkpointing", False):
         transformer.enable_gradient_checkpointing()
+    if cfg.get("lora"):
+        from cag.models.lora import apply_lora  # optional extra `lora` (peft)
+
+        apply_lora(transformer, cfg.lora)
     model = CAGModel(
         transformer, vlm, processor, codec, attention=attention, ref_positions=ref_positions,
         scheduler_shift=float(cfg.get("scheduler_shift", 3.0)),

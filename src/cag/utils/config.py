@@ -34,6 +34,13 @@ def validate_train_config(cfg: DictConfig) -> None:
             raise ConfigError(f"model.image_size={size} must be a multiple of {step} (2 x codec.factor)")
     if float(cfg.optim.lr) <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0")
+    strategy = cfg.trainer.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
+    if "fsdp" in target.lower() and "mixed" in str(cfg.trainer.get("precision", "")) and cfg.model.get("dtype") != "float32":
+        raise ConfigError(
+            f"trainer=fsdp with precision={cfg.trainer.precision} needs model.dtype=float32 (fp32 master weights); "
+            f"got model.dtype={cfg.model.get('dtype')!r}, which would let AdamW update bf16 weights"
+        )
 
 
 def is_secret_key(name: str) -> bool:

@@ -156,3 +156,23 @@ def test_bad_grounding_in_user_data_is_refused_before_training(tmp_path, groundi
         train(cfg)
     assert culprit in str(err.value) and "m.jsonl:1" in str(err.value)
     assert not (tmp_path / "mlruns.db").exists()  # nothing logged, nothing built
+
+
+@pytest.mark.parametrize("content", [None, b"not a checkpoint", b"PK\x03\x04truncated zip"])
+def test_missing_or_corrupt_resume_checkpoint_is_named_before_anything_is_built(tmp_path, content):
+    path = tmp_path / "last.ckpt"
+    if content is not None:
+        path.write_bytes(content)
+    cfg = _cfg(tmp_path, f"ckpt_path={path}")
+    with pytest.raises(ConfigError, match=str(path)):
+        train(cfg)
+    assert not (tmp_path / "mlruns.db").exists()
+
+
+def test_checkpoint_that_needs_unpickling_code_is_refused(tmp_path):
+    import argparse
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": argparse.Namespace(cmd="rm -rf /")}, path)
+    with pytest.raises(ConfigError, match="not a loadable"):
+        train(_cfg(tmp_path, f"ckpt_path={path}"))

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cag.lightning_module import CAGLightningModule
 from cag.parallel import avoid_double_checkpointing
-from cag.utils.config import flatten_config, validate_train_config
+from cag.utils.config import ConfigError, flatten_config, validate_train_config
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,23 @@ def run_name_from_hydra(default: str = "default") -> str:
     return f"{experiment}:{','.join(keep)}" if keep else str(experiment)
 
 
+def check_resume_checkpoint(path: str | None) -> None:
+    """A missing or unreadable ``ckpt_path`` is named before anything is built (loaded without unpickling code)."""
+    if not path:
+        return
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"ckpt_path={path} does not exist")
+    if p.is_file():
+        try:
+            ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several types for truncated / foreign / pickled-code files
+            raise ConfigError(f"ckpt_path={path} is not a loadable Lightning checkpoint: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]}") from exc
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            raise ConfigError(f"ckpt_path={path} is not a Lightning checkpoint (no state_dict)")
+
+
 def instantiate_group(group: DictConfig | None) -> list[Any]:
     """``_target_`` dicts -> objects (loggers, callbacks), skipping null entries."""
     out = []
@@ -41,6 +60,7 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one configuration; returns the final metrics and the checkpoint paths."""
     validate_train_config(cfg)
+    check_resume_checkpoint(cfg.get("ckpt_path"))
     L.seed_everything(cfg.seed, workers=True)
 
     if cfg.get("logger") and cfg.logger.get("mlflow") is not None:
@@ -62,7 +82,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for lg in loggers:
         lg.log_hyperparams(flatten_config(cfg))
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
 
     ckpt_cb = trainer.checkpoint_callback
     result: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}

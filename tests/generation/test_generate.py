@@ -203,3 +203,16 @@ def test_duplicate_keys_are_refused_before_an_image_is_overwritten(tmp_path, unt
     with pytest.raises(ValueError, match=mixed_samples[0].key):
         generate_samples(model, [mixed_samples[0], mixed_samples[0]], tmp_path, sampler=FAST, image_size=64,
                          vlm_image_size=64, progress=False)
+
+
+def test_model_source_loads_released_weights_through_the_training_builder(tmp_path, untrained, tiny_cfg,
+                                                                         mixed_samples):
+    model, _ = untrained
+    hub = tmp_path / "Qwen-Image-Edit-layout"  # what a hub snapshot / local dir of the real model looks like
+    model.transformer.save_pretrained(hub / "transformer")
+    model.vlm.save_pretrained(hub / "text_encoder")
+    model.processor.save_pretrained(hub / "processor")
+    loaded, info = load_model_for_inference(None, OmegaConf.merge(tiny_cfg, {"source": str(hub)}))
+    assert info["weights"] == "pretrained" and info["model_source"] == str(hub) and info["checkpoint"] is None
+    batch = collate(mixed_samples[:1], 64, 64)
+    assert torch.equal(sample_batch(loaded, batch, [1], COND_ONLY, 64, 64), sample_batch(model, batch, [1], COND_ONLY, 64, 64))

@@ -198,8 +198,11 @@ def find_target(
                 "Train first (python src/train.py), or pass checkpoint=<path> or checkpoint=untrained."
             )
         # a run that is still training rewrites its last.ckpt: prefer finished work, unless there is none
-        settled = {p: how for p, how in candidates.items() if getattr(run_for(p), "info", None) is None
-                   or run_for(p).info.status != "RUNNING"}
+        def still_training(p: Path) -> bool:
+            run = run_for(p)
+            return run is not None and run.info.status == "RUNNING"
+
+        settled = {p: how for p, how in candidates.items() if not still_training(p)}
         if settled:
             candidates = settled
         else:

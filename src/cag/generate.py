@@ -20,6 +20,7 @@ import copy
 import json
 import logging
 import pickle
+import re
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
@@ -58,10 +59,15 @@ def _as_dict(cfg: Any) -> dict[str, Any]:
     return dict(cfg)
 
 
+def _is_last_checkpoint(path: Path) -> bool:
+    """``last.ckpt``, or ``last-vN.ckpt``: Lightning's name when two ModelCheckpoint callbacks both keep a last."""
+    return path.name == CHECKPOINT_NAME or re.fullmatch(r"last-v\d+\.ckpt", path.name) is not None
+
+
 def find_latest_checkpoint(base: str | Path = ".", roots: Iterable[str] = CHECKPOINT_ROOTS) -> Path:
-    """Newest ``last.ckpt`` (by modification time) under ``base/<root>`` for each root, for ``ckpt=latest``."""
+    """Newest (by modification time) ``last.ckpt`` / ``last-vN.ckpt`` under ``base/<root>``, for ``ckpt=latest``."""
     base = Path(base)
-    found = [p for root in roots for p in (base / root).rglob(CHECKPOINT_NAME) if p.is_file()]
+    found = [p for root in roots for p in (base / root).rglob("last*.ckpt") if p.is_file() and _is_last_checkpoint(p)]
     if not found:
         where = ", ".join(str(base / r) for r in roots)
         raise FileNotFoundError(f"ckpt=latest: no {CHECKPOINT_NAME} under {where}; train first or pass ckpt=<path>")
@@ -322,6 +328,7 @@ def generate_samples(
         "model_source": info.get("model_source"),
         "weights": info.get("weights"),
         "global_step": info.get("global_step"),
+        "model_seed": info.get("build_seed"),  # builds the frozen VLM (and an untrained DiT) of the tiny model
     }
     total = len(samples) if isinstance(samples, Sized) else None
     bar = None

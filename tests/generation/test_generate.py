@@ -169,12 +169,17 @@ def test_unreadable_or_code_carrying_checkpoints_are_refused_naming_the_file(tmp
 def test_latest_checkpoint_is_the_newest_last_ckpt_of_runs_and_sweeps(tmp_path):
     old = tmp_path / "outputs/train/2026-01-01_00-00-00/checkpoints/last.ckpt"
     new = tmp_path / "multirun/train/2026-01-02_00-00-00/1/checkpoints/last.ckpt"
-    best = tmp_path / "outputs/train/2026-01-03_00-00-00/checkpoints/best-step000010.ckpt"
+    newer = tmp_path / "outputs/train/2026-01-03_00-00-00/checkpoints/last-v1.ckpt"
+    best = tmp_path / "outputs/train/2026-01-04_00-00-00/checkpoints/best-step000010.ckpt"
     for i, p in enumerate([old, new, best]):
         p.parent.mkdir(parents=True)
         p.write_bytes(b"x")
         os.utime(p, (time.time() + i, time.time() + i))
-    assert find_latest_checkpoint(tmp_path) == new
+    assert find_latest_checkpoint(tmp_path) == new, "best-* checkpoints are not 'latest'"
+    newer.parent.mkdir(parents=True)
+    newer.write_bytes(b"x")
+    os.utime(newer, (time.time() + 5, time.time() + 5))
+    assert find_latest_checkpoint(tmp_path) == newer, "Lightning's last-v1.ckpt (two save_last callbacks) counts"
     with pytest.raises(FileNotFoundError, match="outputs/train"):
         find_latest_checkpoint(tmp_path / "empty")
 
@@ -216,3 +221,16 @@ def test_model_source_loads_released_weights_through_the_training_builder(tmp_pa
     assert info["weights"] == "pretrained" and info["model_source"] == str(hub) and info["checkpoint"] is None
     batch = collate(mixed_samples[:1], 64, 64)
     assert torch.equal(sample_batch(loaded, batch, [1], COND_ONLY, 64, 64), sample_batch(model, batch, [1], COND_ONLY, 64, 64))
+
+
+def test_shard_input_keeps_shard_order_and_n_takes_the_first(tmp_path, mixed_samples):
+    from cag.data.shards import write_shards
+
+    write_shards(mixed_samples, str(tmp_path / "shard-%06d.tar"), maxcount=3)
+    urls = str(tmp_path / "shard-{000000..000001}.tar")
+    every = samples_from_config(OmegaConf.create({"source": "shards", "urls": urls, "n": None}))
+    first = samples_from_config(OmegaConf.create({"source": "shards", "urls": urls, "n": 2}))
+    assert [s.key for s in every] == [s.key for s in mixed_samples]
+    assert [s.key for s in first] == [s.key for s in mixed_samples[:2]]
+    with pytest.raises(ValueError, match="input.urls"):
+        samples_from_config(OmegaConf.create({"source": "shards", "urls": None}))

@@ -92,7 +92,7 @@ def test_hard_kill_after_a_periodic_checkpoint_resumes_from_it(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}"}
     out = tmp_path / "run"
     args = [sys.executable, str(ROOT / "src" / "train.py"), "trainer.max_steps=200", "data.batch_size=2",
-            "trainer.enable_progress_bar=false", "callbacks.periodic_last.every_n_train_steps=5",
+            "trainer.enable_progress_bar=false", "callbacks.last_checkpoint.every_n_steps=5",
             f"hydra.run.dir={out}"]
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = out / "checkpoints" / "last.ckpt"

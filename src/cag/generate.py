@@ -16,7 +16,6 @@ Two choices here matter for anyone comparing images across runs:
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import pickle
@@ -32,12 +31,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from cag.data.datamodule import bucket_batches, collate, to_image
 from cag.data.sample import Sample
-from cag.lightning_module import TRAINABLE_PREFIX, CheckpointMismatchError, _arch
+from cag.lightning_module import TRAINABLE_PREFIX, CheckpointMismatchError, model_architecture
 from cag.models.attention import ATTENTION_MODES
 from cag.models.cag_model import CAGModel, Conditioning, build_cag_model
-from cag.models.codec import unpack
 from cag.models.positions import REF_POSITION_MODES
-from cag.sampling import SamplerConfig, guided
+from cag.sampling import SamplerConfig, sample
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +135,10 @@ def load_model_for_inference(
         saved = dict(hp["model"])
         if model_cfg is not None:
             wanted = _as_dict(model_cfg)
-            if _arch(wanted) != _arch(saved):
+            if model_architecture(wanted) != model_architecture(saved):
                 raise CheckpointMismatchError(
-                    f"{checkpoint}: checkpoint was trained with model config {saved.get('name')!r} {_arch(saved)}; "
-                    f"model={wanted.get('name')!r} asks for {_arch(wanted)}"
+                    f"{checkpoint}: checkpoint was trained with model config {saved.get('name')!r} {model_architecture(saved)}; "
+                    f"model={wanted.get('name')!r} asks for {model_architecture(wanted)}"
                 )
         cfg = saved
         state = ckpt["state_dict"]
@@ -227,43 +225,15 @@ def sample_batch(
     bsz = len(batch["instructions"])
     if len(seeds) != bsz:
         raise ValueError(f"{len(seeds)} seeds for a batch of {bsz} samples")
-    if sampler.num_steps < 1:
-        raise ValueError(f"num_steps={sampler.num_steps} must be >= 1")
-    param = next(model.transformer.parameters())
-    device, dtype = param.device, param.dtype
     px = model.codec.token_pixels
     if height % px or width % px:
         raise ValueError(f"image size {height}x{width} must be a multiple of {px} (one DiT token)")
-    grid = (height // px, width // px)
-    ref_pixels = [p.to(device) for p in batch["ref_pixels"]]
-    cond = model.condition(
-        list(batch["instructions"]), batch["vlm_references"], ref_pixels, batch["groundings"], grid, sampler.use_ref_latents
+    device = next(model.transformer.parameters()).device
+    noise = initial_noise(seeds, (height // px) * (width // px), model.transformer.config.in_channels)
+    return sample(
+        model, list(batch["instructions"]), batch["vlm_references"], [p.to(device) for p in batch["ref_pixels"]],
+        batch["groundings"], height, width, sampler, progress=progress, noise=noise, on_predict=on_predict,
     )
-    uncond = None
-    if sampler.cfg_scale > 1.0:
-        uncond = model.condition(
-            [sampler.negative_prompt] * bsz, batch["vlm_references"], ref_pixels, [[] for _ in range(bsz)], grid,
-            sampler.use_ref_latents,
-        )
-    scheduler = copy.deepcopy(model.scheduler)
-    scheduler.set_timesteps(sampler.num_steps, device=device)
-    latents = initial_noise(seeds, grid[0] * grid[1], model.transformer.config.in_channels).to(device)
-    steps: Iterable[torch.Tensor] = scheduler.timesteps
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc="denoising", leave=False)
-    for t in steps:
-        sigma = (t / 1000.0).expand(bsz).to(dtype)
-        if on_predict is not None:
-            on_predict(cond, True)
-        v = model.predict(latents.to(dtype), sigma, cond).float()
-        if uncond is not None:
-            if on_predict is not None:
-                on_predict(uncond, False)
-            v = guided(v, model.predict(latents.to(dtype), sigma, uncond).float(), sampler.cfg_scale)
-        latents = scheduler.step(v, t, latents, return_dict=False)[0]
-    return model.codec.decode(unpack(latents.to(dtype), *grid)).float()
 
 
 class _Numbered:

@@ -93,10 +93,10 @@ class CAGLightningModule(L.LightningModule):
             self.resume_data_position = (epoch, done)
         saved = checkpoint.get("hyper_parameters", {}).get("model")
         mine = self.hparams["model"]
-        if saved is not None and _arch(saved) != _arch(mine):
+        if saved is not None and model_architecture(saved) != model_architecture(mine):
             raise CheckpointMismatchError(
-                f"checkpoint was trained with model config {saved.get('name')!r} {_arch(saved)}; "
-                f"this run builds {mine.get('name')!r} {_arch(mine)}"
+                f"checkpoint was trained with model config {saved.get('name')!r} {model_architecture(saved)}; "
+                f"this run builds {mine.get('name')!r} {model_architecture(mine)}"
             )
 
     # -------------------------------------------------------------- steps
@@ -184,7 +184,7 @@ class CAGLightningModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def _arch(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+def model_architecture(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The parts of a model config that decide the shapes of the trainable weights."""
     return {
         "source": model_cfg.get("source"),

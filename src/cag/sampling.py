@@ -9,6 +9,7 @@ without reference latents (paper Table 3): the VLM still sees the references.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
 from cag.data.sample import Grounding
-from cag.models.cag_model import CAGModel
+from cag.models.cag_model import NULL_INSTRUCTION, CAGModel, Conditioning
 from cag.models.codec import unpack
 
 
@@ -24,7 +25,7 @@ from cag.models.codec import unpack
 class SamplerConfig:
     num_steps: int = 25  # paper: 25
     cfg_scale: float = 4.0  # paper: 4.0 (true CFG); 1.0 disables the unconditional pass
-    negative_prompt: str = " "
+    negative_prompt: str = NULL_INSTRUCTION  # what text dropout trained the unconditional branch on
     use_ref_latents: bool = True
 
 
@@ -46,9 +47,18 @@ def sample(
     config: SamplerConfig | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    noise: torch.Tensor | None = None,
+    on_predict: Callable[[Conditioning, bool], None] | None = None,
 ) -> torch.Tensor:
-    """Generate a batch of images in [-1, 1], ``[B, 3, height, width]``."""
+    """Generate a batch of images in [-1, 1], ``[B, 3, height, width]``.
+
+    ``noise`` (``[B, tokens, channels]``) fixes the starting point per image, so an image
+    need not depend on its batch-mates; otherwise it is drawn from ``generator``.
+    ``on_predict(cond, conditional)`` runs before every DiT pass (attention-map recorders).
+    """
     cfg = config or SamplerConfig()
+    if cfg.num_steps < 1:
+        raise ValueError(f"num_steps={cfg.num_steps} must be >= 1")
     device = next(model.transformer.parameters()).device
     dtype = next(model.transformer.parameters()).dtype
     px = model.codec.token_pixels
@@ -64,7 +74,11 @@ def sample(
     scheduler: FlowMatchEulerDiscreteScheduler = copy.deepcopy(model.scheduler)
     scheduler.set_timesteps(cfg.num_steps, device=device)
     channels = model.transformer.config.in_channels
-    latents = torch.randn(bsz, grid[0] * grid[1], channels, generator=generator, device=device, dtype=torch.float32)
+    if noise is None:
+        noise = torch.randn(bsz, grid[0] * grid[1], channels, generator=generator, dtype=torch.float32)
+    elif tuple(noise.shape) != (bsz, grid[0] * grid[1], channels):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(bsz, grid[0] * grid[1], channels)}")
+    latents = noise.to(device=device, dtype=torch.float32)
     steps = scheduler.timesteps
     if progress:
         from tqdm.auto import tqdm
@@ -72,8 +86,12 @@ def sample(
         steps = tqdm(steps, desc="sampling", leave=False)
     for t in steps:
         sigma = (t / 1000.0).expand(bsz).to(dtype)
+        if on_predict is not None:
+            on_predict(cond, True)
         v = model.predict(latents.to(dtype), sigma, cond).float()
         if uncond is not None:
+            if on_predict is not None:
+                on_predict(uncond, False)
             v = guided(v, model.predict(latents.to(dtype), sigma, uncond).float(), cfg.cfg_scale)
         latents = scheduler.step(v, t, latents, return_dict=False)[0]
     lat = unpack(latents.to(dtype), *grid)

@@ -13,6 +13,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cag.fault_tolerance import LastCheckpoint
 from cag.lightning_module import CAGLightningModule
 from cag.parallel import avoid_double_checkpointing
 from cag.utils.config import ConfigError, flatten_config, validate_train_config
@@ -84,12 +85,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
 
-    ckpt_cb = trainer.checkpoint_callback
     result: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result["global_step"] = trainer.global_step
-    if ckpt_cb is not None:
-        result["last_ckpt"] = getattr(ckpt_cb, "last_model_path", "") or ""
-        result["best_ckpt"] = getattr(ckpt_cb, "best_model_path", "") or ""
+    result["last_ckpt"] = next((c.last_model_path for c in trainer.callbacks if isinstance(c, LastCheckpoint)), "")
+    best = trainer.checkpoint_callback
+    result["best_ckpt"] = getattr(best, "best_model_path", "") or "" if best is not None else ""
     for lg in loggers:
         if hasattr(lg, "experiment") and hasattr(lg, "run_id"):
             client = lg.experiment

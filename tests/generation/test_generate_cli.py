@@ -11,6 +11,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from cag.generate import find_latest_checkpoint
 from cag.train import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,7 +45,10 @@ def test_cli_generates_from_the_latest_checkpoint_and_records_every_setting(tmp_
     lines = [json.loads(x) for x in (tmp_path / "gen" / "generations.jsonl").read_text().splitlines()]
     assert [r["seed"] for r in sorted(lines, key=lambda r: r["index"])] == [3, 4, 5]
     for r in lines:
-        assert r["checkpoint"] == str(last.resolve()) and r["global_step"] == 2 and r["weights"] == "checkpoint"
+        # ckpt=latest: the newest last*.ckpt of the run (Lightning writes last-v1.ckpt when two callbacks keep a last)
+        assert r["checkpoint"] == str(find_latest_checkpoint(tmp_path).resolve())
+        assert Path(r["checkpoint"]).parent == last.parent.resolve() and Path(r["checkpoint"]).name.startswith("last")
+        assert r["global_step"] == 2 and r["weights"] == "checkpoint"
         assert (r["attention"], r["use_ref_latents"], r["ref_positions"]) == ("masked", False, "stock")
         assert (r["num_steps"], r["cfg_scale"], r["image_size"]) == (2, 2.5, [64, 64])
         assert Path(r["image"]).is_file() and r["key"].startswith("test-")

@@ -39,7 +39,7 @@ class CachedConditioning:
     hidden: np.ndarray  # [T, D] text stream for the instruction
     image_pad: np.ndarray  # [T] bool, reference VLM tokens
     phrase_positions: dict[str, list[int]]
-    hidden_null: np.ndarray  # [T0, D] text stream with the blank instruction (text dropout / CFG)
+    hidden_null: np.ndarray  # [T0, D] text stream with the null instruction (text dropout / CFG)
     image_pad_null: np.ndarray
     target_latent: np.ndarray | None  # [C, h, w]
     ref_latents: list[np.ndarray]  # each [C, h, w]
@@ -117,13 +117,14 @@ def compute_cache(model: Any, samples: Iterable[Sample], image_size: int, vlm_im
                   batch_size: int = 8) -> Iterator[Sample]:
     """Attach :class:`CachedConditioning` to each sample (batched by reference count, like training)."""
     from cag.data.datamodule import bucket_batches, collate
+    from cag.models.cag_model import NULL_INSTRUCTION
 
     fingerprint = model.conditioning_fingerprint()
     for group in bucket_batches(samples, batch_size, drop_last=False):
         batch = collate(group, image_size, vlm_image_size)
         phrases = [sorted({g.phrase for g in s.groundings}) for s in group]
         enc = model.prompt_encoder.encode(batch["instructions"], batch["vlm_references"], phrases)
-        null = model.prompt_encoder.encode([""] * len(group), batch["vlm_references"], None)
+        null = model.prompt_encoder.encode([NULL_INSTRUCTION] * len(group), batch["vlm_references"], None)
         ref_lat = [model.encode_latents(p) for p in batch["ref_pixels"]]
         tgt_lat = model.encode_latents(batch["target_pixels"]) if "target_pixels" in batch else None
         for i, (s, (hid, pad), (hid0, pad0)) in enumerate(zip(group, enc.sequences(), null.sequences(), strict=True)):

@@ -34,6 +34,10 @@ from cag.utils.plain import plain
 
 log = logging.getLogger(__name__)
 
+# The instruction a text-dropped sample gets in training, and the unconditional branch at sampling: they must
+# be the same string. " " is what diffusers' QwenImage pipelines use as the default negative prompt.
+NULL_INSTRUCTION = " "
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -250,7 +254,7 @@ class CAGModel(nn.Module):
         bsz = target.shape[0]
         drop_refs = bool(torch.rand(()) < vae_dropout) if vae_dropout > 0 else False
         drop_text = (torch.rand(bsz) < text_dropout).tolist() if text_dropout > 0 else [False] * bsz
-        instructions = ["" if d else s for s, d in zip(batch["instructions"], drop_text, strict=True)]
+        instructions = [NULL_INSTRUCTION if d else s for s, d in zip(batch["instructions"], drop_text, strict=True)]
         groundings = [[] if d else g for g, d in zip(batch["groundings"], drop_text, strict=True)]
 
         cached = batch.get("cached")
@@ -305,6 +309,10 @@ def build_cag_model(cfg: Any, attention: str = "masked", ref_positions: str = "o
             raise ValueError(
                 f"model.transformer.axes_dims_rope={list(tcfg['axes_dims_rope'])} must sum to attention_head_dim={tcfg['attention_head_dim']}"
             )
+        width = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
+        if width < tcfg.get("patch_size", 2) ** 2 * tcfg["out_channels"]:
+            log.warning("DiT width %d < %d values predicted per token: the velocity it can express is rank-limited",
+                        width, tcfg.get("patch_size", 2) ** 2 * tcfg["out_channels"])
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             transformer = QwenImageTransformer2DModel(**tcfg)

@@ -220,7 +220,8 @@ def test_model_source_loads_released_weights_through_the_training_builder(tmp_pa
     loaded, info = load_model_for_inference(None, OmegaConf.merge(tiny_cfg, {"source": str(hub)}))
     assert info["weights"] == "pretrained" and info["model_source"] == str(hub) and info["checkpoint"] is None
     batch = collate(mixed_samples[:1], 64, 64)
-    assert torch.equal(sample_batch(loaded, batch, [1], COND_ONLY, 64, 64), sample_batch(model, batch, [1], COND_ONLY, 64, 64))
+    a, b = sample_batch(loaded, batch, [1], COND_ONLY, 64, 64), sample_batch(model, batch, [1], COND_ONLY, 64, 64)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)  # same weights; kernels may differ in the last bits
 
 
 def test_shard_input_keeps_shard_order_and_n_takes_the_first(tmp_path, mixed_samples):

@@ -176,3 +176,10 @@ def test_checkpoint_that_needs_unpickling_code_is_refused(tmp_path):
     torch.save({"state_dict": {}, "payload": argparse.Namespace(cmd="rm -rf /")}, path)
     with pytest.raises(ConfigError, match="not a loadable"):
         train(_cfg(tmp_path, f"ckpt_path={path}"))
+
+
+def test_unknown_config_key_is_refused_naming_it(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="vae_dropuot"):
+        _cfg(tmp_path, "vae_dropuot=0.3")  # a typo must not silently train with the default

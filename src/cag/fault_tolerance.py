@@ -31,7 +31,7 @@ class LastCheckpoint(L.Callback):
         return str(self.path) if self._saved_step >= 0 else ""
 
     def _save(self, trainer: L.Trainer) -> None:
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the full training state, for resuming
         self._saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:

@@ -152,7 +152,7 @@ class CAGLightningModule(L.LightningModule):
         self.log("train/nonfinite_steps", float(self.nonfinite_total), batch_size=1, reduce_fx="max")
         if self.nonfinite_run >= self.max_nonfinite_steps:
             path = Path(self.trainer.default_root_dir) / "checkpoints" / "last_good.ckpt"
-            self.trainer.save_checkpoint(path)
+            self.trainer.save_checkpoint(path, weights_only=False)  # full state: weights, optimizer, loops
             raise NonFiniteTrainingError(
                 f"{self.nonfinite_run} consecutive training steps had a non-finite loss or gradient (last: {what}); "
                 f"training stopped at step {self.global_step}. The last good weights are in {path}"

@@ -69,7 +69,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if not cfg.logger.mlflow.get("run_name"):
                 cfg.logger.mlflow.run_name = run_name_from_hydra()
             cfg.logger.mlflow.tags = {"tags": ",".join(cfg.get("tags", [])), "attention": cfg.attention,
-                                      "vae_dropout": str(cfg.vae_dropout)}
+                                      "vae_dropout": str(cfg.vae_dropout),
+                                      "output_dir": str(cfg.paths.output_dir)}  # known even if the run crashes
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("fit")  # user data (manifest) is validated here, before a model is built or a run is logged
     loggers = instantiate_group(cfg.get("logger"))
@@ -95,7 +96,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             client = lg.experiment
             client.set_tag(lg.run_id, "checkpoint/last", result.get("last_ckpt", ""))
             client.set_tag(lg.run_id, "checkpoint/best", result.get("best_ckpt", ""))
-            client.set_tag(lg.run_id, "output_dir", str(cfg.paths.output_dir))
     log.info("finished at step %d; last checkpoint %s", trainer.global_step, result.get("last_ckpt"))
     return result
 

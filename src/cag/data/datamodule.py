@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.shardlists import expand_urls
 from webdataset.utils import pytorch_worker_info
 
 from cag.data.sample import GroundingError, Sample
@@ -133,6 +134,10 @@ class SampleStream(IterableDataset):
             from cag.data.shards import iter_shard_samples
 
             urls = dm.urls if self.train else dm.val_urls
+            n_shards = len([u for spec in ([urls] if isinstance(urls, str) else urls) for u in expand_urls(str(spec))])
+            if not self.train and n_shards < readers and me == 0:
+                log.warning("%d validation shard(s) for %d readers (ranks x workers): some readers get no data; "
+                            "write at least %d shards", n_shards, readers, readers)
             pipeline = iter_shard_samples(
                 urls,
                 resampled=self.train,

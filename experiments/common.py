@@ -298,6 +298,26 @@ def run_pipeline(
     return files
 
 
+def cli(
+    argv: Sequence[str] | None,
+    *,
+    doc: str | None,
+    name: str,
+    configs: Sequence[Config],
+    sweep_overrides: Sequence[str],
+    metric_prefix: str,
+    build: Callable[[Sequence[TrainedRun], Path], list[Path]],
+    eval_overrides: Sequence[str] = (),
+) -> list[Path]:
+    """The command line every experiment shares: parse the common arguments, then :func:`run_pipeline`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, name)
+    return run_pipeline(
+        parser.parse_args(argv), name=name, configs=configs, sweep_overrides=sweep_overrides,
+        metric_prefix=metric_prefix, eval_overrides=eval_overrides, build=build,
+    )
+
+
 def judge_note(runs: Sequence[TrainedRun], prefix: str) -> str:
     """Says plainly whether the PF/SC/Overall columns are the judge's or empty because it was skipped."""
     if all(metric(r, prefix, "PF") is None for r in runs):

@@ -11,7 +11,6 @@ evaluated with ``sampler.use_ref_latents=false``; the scores go to the training 
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,18 +38,8 @@ def build(runs: Sequence[TrainedRun], out: Path) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(parser, NAME)
-    args = parser.parse_args(argv)
-    return common.run_pipeline(
-        args,
-        name=NAME,
-        configs=CONFIGS,
-        sweep_overrides=SWEEP,
-        metric_prefix=PREFIX,
-        eval_overrides=["sampler.use_ref_latents=false"],
-        build=build,
-    )
+    return common.cli(argv, doc=__doc__, name=NAME, configs=CONFIGS, sweep_overrides=SWEEP, metric_prefix=PREFIX,
+                      build=build, eval_overrides=["sampler.use_ref_latents=false"])
 
 
 if __name__ == "__main__":

@@ -5,20 +5,15 @@ options in ``conf/visualize_attention.yaml``, work in :func:`cag.attention_maps.
 """
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from cag.attention_maps import run_visualize_attention
-
-
-def _named(prefix: str) -> bool:
-    """Whether the user set ``prefix=...`` on the command line (the config alone cannot tell a default apart)."""
-    return any(o.lstrip("+~").startswith(prefix + "=") for o in HydraConfig.get().overrides.task)
+from cag.utils.cli import named_on_command_line
 
 
 @hydra.main(config_path="../conf", config_name="visualize_attention", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_visualize_attention(cfg, model_explicit=_named("model"), ckpt_explicit=_named("ckpt"))
+    run_visualize_attention(cfg, model_explicit=named_on_command_line("model"), ckpt_explicit=named_on_command_line("ckpt"))
 
 
 if __name__ == "__main__":

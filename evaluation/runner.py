@@ -57,6 +57,10 @@ CHECKPOINT_ROOTS = ("outputs/train", "multirun/train")
 GENERATIONS_FILE = "generations.jsonl"
 SETTINGS_FILE = "settings.json"
 UNTRAINED = "untrained"
+EXTERNAL = "external"
+# file names accepted for an external image of sample <key>, in order of preference
+EXTERNAL_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+NORMALISED_DIR = "normalised"
 JUDGE_KEYS = ("pf", "sc", "overall")
 EMBEDDING_KEYS = ("dino", "clip_i", "clip_t")
 PROXY_KEYS = ("proxy_pf", "proxy_sc", "proxy_overall")
@@ -99,11 +103,19 @@ class EvalTarget:
     checkpoint: Path | None
     train_run_id: str | None = None
     train_run_name: str | None = None
-    found_by: str = "explicit"  # explicit | mlflow | filesystem | untrained
+    found_by: str = "explicit"  # explicit | mlflow | filesystem | untrained | external
+    method: str | None = None  # external images: the method that made them (row label, MLflow tag)
+    images_dir: Path | None = None  # external images: the folder scored
+
+    @property
+    def external(self) -> bool:
+        return self.found_by == EXTERNAL
 
     @property
     def label(self) -> str:
-        """Row label of the summary table: the training run's name, else the checkpoint's folder."""
+        """Row label of the summary table: the method of external images, the training run's name, else the checkpoint's folder."""
+        if self.method:
+            return self.method
         if self.checkpoint is None:
             return UNTRAINED
         if self.train_run_name:
@@ -246,7 +258,18 @@ def load_benchmark(data_cfg: Mapping[str, Any], n: int | None) -> list[Sample]:
             raise EvaluationError("data.source=manifest needs data.manifest=<path to the JSONL manifest>")
         samples = list(read_manifest(path))
         return samples if n is None else samples[: int(n)]
-    raise EvaluationError(f"data.source={source!r} is not one of ['synthetic', 'manifest']")
+    if source == "shards":
+        import itertools
+
+        from cag.data.shards import iter_shard_samples
+
+        urls = data_cfg.get("urls")
+        if not urls:
+            raise EvaluationError("data.source=shards needs data.urls=<shard path or brace pattern>")
+        # test data: every shard, in order, in this process (no rank/worker split, no shuffle)
+        stream = iter_shard_samples(urls, resampled=False, shuffle=0, split_by_node=False, split_by_worker=False)
+        return list(itertools.islice(stream, None if n is None else int(n)))
+    raise EvaluationError(f"data.source={source!r} is not one of ['synthetic', 'manifest', 'shards']")
 
 
 # --------------------------------------------------------------------------- generation
@@ -346,7 +369,8 @@ def ensure_generations(
         "seed": int(seed),
         "attention": attention,
         "ref_positions": ref_positions,
-        "data": {k: v for k, v in data_cfg.items() if k != "num_samples"},
+        # data.urls (shards) joined the config later; left out while unset so earlier image folders stay valid
+        "data": {k: v for k, v in data_cfg.items() if k != "num_samples" and not (k == "urls" and v is None)},
         "model": None if target.checkpoint is not None else model_cfg,
     }
     directory = Path(root) / generation_fingerprint(target, fp_settings)
@@ -421,6 +445,114 @@ def _write_generations(directory: Path, records: Mapping[str, Mapping[str, Any]]
         for rec in ordered:
             fh.write(json.dumps(rec, default=str) + "\n")
     os.replace(tmp, directory / GENERATIONS_FILE)
+
+
+# --------------------------------------------------------------------------- external images
+
+
+@dataclass
+class ExternalImages:
+    """What was found in a folder of another method's images, per sample key.
+
+    ``paths`` holds the image each metric scores (the file itself, or its normalised copy);
+    ``missing`` and ``unreadable`` name the samples that are not scored at all; ``extra``
+    lists files in the folder that match no sample key (a naming mistake shows up here).
+    """
+
+    folder: Path
+    size: int | None
+    paths: dict[str, str] = field(default_factory=dict)
+    original_size: dict[str, tuple[int, int]] = field(default_factory=dict)
+    resized: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unreadable: dict[str, str] = field(default_factory=dict)
+    extra: list[str] = field(default_factory=list)
+
+    def problem(self, key: str) -> str | None:
+        """Why sample ``key`` is not scored, or None when it is."""
+        if key in self.unreadable:
+            return f"unreadable: {self.unreadable[key]}"
+        if key in self.missing:
+            return "missing: no " + " / ".join(f"{key}{sfx}" for sfx in EXTERNAL_SUFFIXES) + f" in {self.folder}"
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "folder": str(self.folder),
+            "size_rule": f"centre-crop to square + bicubic resize to {self.size}" if self.size else "native size",
+            "scored": len(self.paths),
+            "missing": list(self.missing),
+            "unreadable": dict(self.unreadable),
+            "resized": len(self.resized),
+            "extra_files": list(self.extra),
+        }
+
+
+def external_image_size(setting: Any, data_cfg: Mapping[str, Any]) -> int | None:
+    """The size external images are scored at (None: their native size).
+
+    ``auto`` means the synthetic benchmark's ``image_size`` (its proxies and our own
+    generations are at that size, so every method is measured on the same pixel grid) and
+    native size for manifest / shard test sets, whose size we do not know.
+    """
+    if setting is None or str(setting).lower() == "native":
+        return None
+    if str(setting).lower() == "auto":
+        if data_cfg.get("source", "synthetic") == "synthetic":
+            return int((data_cfg.get("synthetic") or {}).get("image_size", 128))
+        return None
+    if isinstance(setting, bool) or int(setting) < 1:
+        raise EvaluationError(f"image_size={setting!r} must be auto, native or a positive int")
+    return int(setting)
+
+
+def collect_external_images(
+    samples: Sequence[Sample], folder: str | os.PathLike[str], out_dir: Path, size: int | None
+) -> ExternalImages:
+    """Match ``<key>.png`` (or .jpg/.jpeg/.webp) in ``folder`` to the samples; check and normalise each.
+
+    The size rule: an image that is not ``size`` x ``size`` is centre-cropped to a square
+    and resized with bicubic interpolation (:func:`cag.data.datamodule.square`, the
+    platform's one resize policy), written as PNG to ``out_dir/normalised/<key>.png``, and
+    every metric (judge included) scores that copy; an image already at ``size`` is scored
+    as the file itself, byte for byte. ``size`` None scores every image at its native size.
+    The folder is only read, never written.
+    """
+    root = Path(folder).expanduser().resolve()
+    if not root.is_dir():
+        raise EvaluationError(f"images={folder} is not a folder (resolved to {root})")
+    found = ExternalImages(folder=root, size=size)
+    keys = {s.key for s in samples}
+    for s in samples:
+        path = next((root / f"{s.key}{sfx}" for sfx in EXTERNAL_SUFFIXES if (root / f"{s.key}{sfx}").is_file()), None)
+        if path is None:
+            found.missing.append(s.key)
+            continue
+        try:
+            with Image.open(path) as im:
+                im.load()
+                image = im.copy()
+        except Exception as exc:  # PIL raises many types for truncated or foreign files
+            found.unreadable[s.key] = f"{path.name}: {type(exc).__name__}: {exc}"
+            continue
+        if image.width < 1 or image.height < 1:
+            found.unreadable[s.key] = f"{path.name}: empty image {image.size}"
+            continue
+        found.original_size[s.key] = (image.width, image.height)
+        if size is not None and image.size != (size, size):
+            from cag.data.datamodule import square
+
+            target = out_dir / NORMALISED_DIR / f"{s.key}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            square(image, size).save(target, format="PNG")
+            found.paths[s.key] = str(target)
+            found.resized.append(s.key)
+        else:
+            found.paths[s.key] = str(path)
+    for p in sorted(root.iterdir()):
+        if p.is_file() and p.suffix.lower() in EXTERNAL_SUFFIXES and p.stem not in keys:
+            found.extra.append(p.name)
+    return found
 
 
 def save_references(samples: Sequence[Sample], directory: Path) -> dict[str, list[str]]:
@@ -579,6 +711,14 @@ class EvalOutcome:
     judge_calls: int = 0
     judge_models: list[str] = field(default_factory=list)
     eval_run_id: str | None = None
+    external: ExternalImages | None = None
+
+
+def _checkpoint_name(target: EvalTarget) -> str:
+    """What the ``checkpoint`` tag / field says: a path, ``untrained``, or ``external:<folder>``."""
+    if target.external:
+        return f"{EXTERNAL}:{target.images_dir}"
+    return str(target.checkpoint) if target.checkpoint else UNTRAINED
 
 
 def _plain(cfg: Any) -> Any:
@@ -593,34 +733,67 @@ def evaluate(cfg: DictConfig | Mapping[str, Any]) -> EvalOutcome:
     out_dir = Path(c["output_dir"]).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = c.get("tracking_uri") if (c.get("mlflow") or {}).get("enabled", True) else None
-    target = find_target(
-        c.get("checkpoint"),
-        tracking_uri=tracking_uri,
-        train_experiment=str(c.get("train_experiment", "cag")),
-        base=c.get("base_dir") or ".",
-        train_run_id=c.get("train_run_id"),
-    )
-    log.info("evaluating %s (%s, training run %s)", target.checkpoint or UNTRAINED, target.found_by,
-             target.train_run_id or "unknown")
     data_cfg = dict(c.get("data") or {})
+    images_folder = c.get("images")
+    external: ExternalImages | None = None
+    if images_folder:
+        # another method's images: nothing to find or generate, the folder is the model's output
+        folder = Path(str(images_folder)).expanduser().resolve()
+        method = str(c.get("method") or c.get("label") or folder.name)
+        target = EvalTarget(None, found_by=EXTERNAL, method=method, images_dir=folder)
+        log.info("scoring external images of method %r from %s", method, folder)
+    else:
+        target = find_target(
+            c.get("checkpoint"),
+            tracking_uri=tracking_uri,
+            train_experiment=str(c.get("train_experiment", "cag")),
+            base=c.get("base_dir") or ".",
+            train_run_id=c.get("train_run_id"),
+        )
+        log.info("evaluating %s (%s, training run %s)", target.checkpoint or UNTRAINED, target.found_by,
+                 target.train_run_id or "unknown")
     samples = load_benchmark(data_cfg, c.get("n"))
     if not samples:
         raise EvaluationError("the benchmark has no samples (n=0?)")
-    gen = ensure_generations(
-        target,
-        samples,
-        Path(c.get("generations_root") or out_dir / "generations").resolve(),
-        sampler_cfg=c.get("sampler") or {},
-        seed=int(c.get("seed", 0)),
-        batch_size=int(c.get("batch_size", 4)),
-        data_cfg=data_cfg,
-        model_cfg=c.get("model"),
-        attention=c.get("attention"),
-        ref_positions=c.get("ref_positions"),
-        progress=bool(c.get("progress", True)),
-    )
-    generated = {s.key: str(gen.directory / f"{s.key}.png") for s in samples}
-    references = save_references(samples, gen.directory / "references")
+    if target.external:
+        external = collect_external_images(
+            samples, target.images_dir or ".", out_dir, external_image_size(c.get("image_size", "auto"), data_cfg)
+        )
+        gen = GenerationOutcome(
+            directory=external.folder,
+            records={k: {"key": k, "source": EXTERNAL, "original_size": list(v)}
+                     for k, v in external.original_size.items()},
+            generated=0,
+            reused=len(external.paths),
+        )
+        generated = dict(external.paths)
+        references = save_references(samples, out_dir / "references")
+        if external.missing or external.unreadable:
+            log.warning("%d of %d images missing, %d unreadable: not scored (named in run_info.json)",
+                        len(external.missing), len(samples), len(external.unreadable))
+        if not generated:
+            raise EvaluationError(
+                f"none of the {len(samples)} samples has a readable image in {external.folder} "
+                f"(expected <key>.png, e.g. {samples[0].key}.png; see evaluation/export.py)"
+            )
+    else:
+        gen = ensure_generations(
+            target,
+            samples,
+            Path(c.get("generations_root") or out_dir / "generations").resolve(),
+            sampler_cfg=c.get("sampler") or {},
+            seed=int(c.get("seed", 0)),
+            batch_size=int(c.get("batch_size", 4)),
+            data_cfg=data_cfg,
+            model_cfg=c.get("model"),
+            attention=c.get("attention"),
+            ref_positions=c.get("ref_positions"),
+            progress=bool(c.get("progress", True)),
+        )
+        generated = {s.key: str(gen.directory / f"{s.key}.png") for s in samples}
+        references = save_references(samples, gen.directory / "references")
+    # samples without a usable image are named and counted, never scored
+    scorable = [s for s in samples if s.key in generated]
     skipped: dict[str, str] = {}
 
     # judge
@@ -630,7 +803,7 @@ def evaluate(cfg: DictConfig | Mapping[str, Any]) -> EvalOutcome:
     judge_calls, judge_models = 0, []
     if judge_ok:
         judge_records, judge_calls, judge_models = run_judge(
-            judge_cfg, samples, generated, references, out_dir / "judge.jsonl", progress=bool(c.get("progress", True))
+            judge_cfg, scorable, generated, references, out_dir / "judge.jsonl", progress=bool(c.get("progress", True))
         )
     else:
         for k in JUDGE_KEYS:
@@ -646,7 +819,7 @@ def evaluate(cfg: DictConfig | Mapping[str, Any]) -> EvalOutcome:
     else:
         metrics = {}
         skipped.update({k: "embedding metrics disabled (metrics.enabled=false)" for k in EMBEDDING_KEYS})
-    emb = embedding_scores(metrics, samples, generated, int(metrics_cfg.get("batch_size", 16)))
+    emb = embedding_scores(metrics, scorable, generated, int(metrics_cfg.get("batch_size", 16)))
 
     # judge-free proxies (synthetic data only)
     want_proxies = str(c.get("proxies", "auto")).lower()
@@ -660,12 +833,22 @@ def evaluate(cfg: DictConfig | Mapping[str, Any]) -> EvalOutcome:
     results: list[SampleResult] = []
     for s in samples:
         scores: dict[str, float | None] = {k: None for k in (*JUDGE_KEYS, *EMBEDDING_KEYS, *PROXY_KEYS)}
-        details: dict[str, Any] = {"seed": gen.records[s.key].get("seed")}
+        record = gen.records.get(s.key) or {}
+        details: dict[str, Any] = {"seed": record.get("seed")}
+        if external is not None:
+            details["image"] = external.problem(s.key) or "ok"
+            if s.key in external.original_size:
+                details["original_size"] = list(external.original_size[s.key])
+                details["resized"] = s.key in external.resized
+        if s.key not in generated:
+            results.append(SampleResult(key=s.key, instruction=s.instruction, scores=scores, task_type=s.task_type,
+                                        generated=None, references=references[s.key], details=details))
+            continue
         rec = judge_records.get(s.key)
         if rec is not None:
             scores.update(rec.scores())
             details.update(rec.details())
-        scores.update(emb[s.key])
+        scores.update(emb.get(s.key, {}))
         if run_proxies:
             proxy, proxy_details = proxy_sample_scores(s, _open_rgb(generated[s.key]))
             scores.update(proxy)
@@ -737,9 +920,11 @@ def evaluate(cfg: DictConfig | Mapping[str, Any]) -> EvalOutcome:
         generation=gen,
         judge_calls=judge_calls,
         judge_models=judge_models,
+        external=external,
     )
     info = {
-        "checkpoint": str(target.checkpoint) if target.checkpoint else UNTRAINED,
+        "method": label,
+        "checkpoint": _checkpoint_name(target),
         "found_by": target.found_by,
         "train_run_id": target.train_run_id,
         "train_run_name": target.train_run_name,
@@ -752,6 +937,8 @@ def evaluate(cfg: DictConfig | Mapping[str, Any]) -> EvalOutcome:
         "skipped": skipped,
         "headline": headline,
     }
+    if external is not None:
+        info["external_images"] = external.summary()
     if tracking_uri:
         outcome.eval_run_id = log_to_mlflow(c, outcome, tracking_uri)
         info["eval_run_id"] = outcome.eval_run_id
@@ -769,8 +956,8 @@ def _eval_params(c: Mapping[str, Any], outcome: EvalOutcome) -> dict[str, Any]:
     judge_client = ((c.get("evaluation") or {}).get("judge") or {}).get("client") or {}
     base_url = judge_client.get("base_url")
     params = {
-        "checkpoint": str(outcome.target.checkpoint) if outcome.target.checkpoint else UNTRAINED,
-        "n": len(outcome.generation.records),
+        "checkpoint": _checkpoint_name(outcome.target),
+        "n": outcome.rows[0].coverage.get("pf", (0, len(outcome.generation.records)))[1],
         "seed": c.get("seed"),
         "sampler": c.get("sampler"),
         "data": {k: v for k, v in (c.get("data") or {}).items() if k != "num_samples"},
@@ -786,6 +973,13 @@ def _eval_params(c: Mapping[str, Any], outcome: EvalOutcome) -> dict[str, Any]:
         "model_trained_vae_dropout": outcome.generation.model_info.get("trained_vae_dropout"),
         "global_step": outcome.generation.model_info.get("global_step"),
     }
+    if outcome.target.external:
+        # nothing was sampled here: sampler and model settings would describe a model that did not run
+        for key in ("sampler", "seed", "attention_override", "ref_positions_override", "model_attention",
+                    "model_trained_vae_dropout", "global_step"):
+            params.pop(key, None)
+        params["images"] = str(outcome.target.images_dir)
+        params["image_size_rule"] = outcome.external.summary()["size_rule"] if outcome.external else None
     return {k: ("None" if v is None else str(v))[:500] for k, v in flatten_config(params).items()}
 
 
@@ -806,8 +1000,10 @@ def log_to_mlflow(c: Mapping[str, Any], outcome: EvalOutcome, tracking_uri: str)
         "mlflow.runName": f"{prefix}:{outcome.rows[0].method}",
         "train_run_id": target.train_run_id or "",
         "train_run_name": target.train_run_name or "",
-        "checkpoint": str(target.checkpoint) if target.checkpoint else UNTRAINED,
+        "checkpoint": _checkpoint_name(target),
         "checkpoint_found_by": target.found_by,
+        "method": outcome.rows[0].method,
+        "source": EXTERNAL if target.external else "checkpoint",
         "metric_prefix": prefix,
         "output_dir": str(outcome.output_dir),
         "generations_dir": str(outcome.generation.directory),
@@ -815,10 +1011,25 @@ def log_to_mlflow(c: Mapping[str, Any], outcome: EvalOutcome, tracking_uri: str)
     }
     for key, reason in outcome.skipped.items():
         tags[f"skipped/{METRIC_NAMES.get(key, key)}"] = reason[:4900]
+    ext = outcome.external
+    if ext is not None:
+        tags["images_dir"] = str(ext.folder)
+        tags["images/size_rule"] = ext.summary()["size_rule"]
+        if ext.missing:
+            tags["images/missing"] = ",".join(ext.missing)[:4900]
+        if ext.unreadable:
+            tags["images/unreadable"] = ",".join(ext.unreadable)[:4900]
     run = client.create_run(exp_id, tags=tags)
     run_id = run.info.run_id
     now = int(time.time() * 1000)
     metrics = [Metric(k, v, now, 0) for k, v in outcome.headline.items()]
+    if ext is not None:
+        metrics += [
+            Metric("images_scored", float(len(ext.paths)), now, 0),
+            Metric("images_missing", float(len(ext.missing)), now, 0),
+            Metric("images_unreadable", float(len(ext.unreadable)), now, 0),
+            Metric("images_resized", float(len(ext.resized)), now, 0),
+        ]
     metrics += [
         Metric("judge_calls", float(outcome.judge_calls), now, 0),
         Metric("generated_now", float(outcome.generation.generated), now, 0),
@@ -847,9 +1058,25 @@ def format_report(outcome: EvalOutcome) -> str:
     """What ``evaluation/run.py`` prints: the table, what was skipped and why, where everything went."""
     lines = [format_markdown_table(outcome.rows).rstrip()]
     gen = outcome.generation
-    lines.append(
-        f"\nimages: {gen.generated} generated now, {gen.reused} reused, in {gen.directory}"
-    )
+    ext = outcome.external
+    if ext is not None:
+        lines.append(
+            f"\nimages of {outcome.rows[0].method!r} from {ext.folder}: {len(ext.paths)} scored "
+            f"({len(ext.resized)} resized: {ext.summary()['size_rule']}), {len(ext.missing)} missing, "
+            f"{len(ext.unreadable)} unreadable"
+        )
+        for key in ext.missing[:10]:
+            lines.append(f"  missing: {key}")
+        for key, why in list(ext.unreadable.items())[:10]:
+            lines.append(f"  unreadable: {key} ({why})")
+        if len(ext.missing) + len(ext.unreadable) > 20:
+            lines.append("  ... all of them in run_info.json")
+        if ext.extra:
+            lines.append(f"  {len(ext.extra)} files match no sample key, e.g. {ext.extra[0]}")
+    else:
+        lines.append(
+            f"\nimages: {gen.generated} generated now, {gen.reused} reused, in {gen.directory}"
+        )
     if outcome.judge_models:
         lines.append(f"judge: {outcome.judge_calls} calls; model reported by the API: {', '.join(outcome.judge_models)}")
     if outcome.skipped:

@@ -15,11 +15,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from cag.data.shards import write_shards
+from cag.data.synthetic import SyntheticConfig, generate_split
 from cag.lightning_module import NonFiniteTrainingError
 from cag.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSSES: dict[str, dict[int, float]] = {}
+LR_STEPS: dict[str, list[int]] = {}
 
 
 class LossRecorder(L.Callback):
@@ -30,13 +33,15 @@ class LossRecorder(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         LOSSES.setdefault(self.label, {})[trainer.global_step] = float(outputs["loss"]) if outputs else float("nan")
+        LR_STEPS.setdefault(self.label, []).append(trainer.lr_scheduler_configs[0].scheduler.last_epoch)
         if trainer.global_step == self.sigterm_at:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _cfg(tmp_path: Path, out: str, label: str, sigterm_at: int = -1, *overrides: str):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["data.batch_size=2", "data.epoch_batches=5", "data.val_samples=2",
+        val = ["+trainer.limit_val_batches=0"] if "data=shards" in overrides else ["data.val_samples=2"]
+        cfg = compose(config_name="train", overrides=["data.batch_size=2", "data.epoch_batches=5", *val,
                                                       "optim.warmup_steps=3", *overrides])
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / out)
@@ -47,16 +52,30 @@ def _cfg(tmp_path: Path, out: str, label: str, sigterm_at: int = -1, *overrides:
     return cfg
 
 
-def test_sigterm_mid_epoch_then_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
-    train(_cfg(tmp_path, "full", "full", -1, "trainer.max_steps=12"))
+@pytest.fixture(scope="module")
+def train_shards(tmp_path_factory) -> str:
+    """Six shards of four samples: with resampling and a shuffle buffer, the order depends on the seeds."""
+    out = tmp_path_factory.mktemp("resume_shards")
+    samples = generate_split("train", 24, SyntheticConfig(image_size=64, num_characters=2, seed=0))
+    summary = write_shards(samples, str(out / "shard-%06d.tar"), maxcount=4)
+    return f"[{','.join(summary.shards)}]"
+
+
+@pytest.mark.parametrize("source", ["synthetic", "shards"])
+def test_sigterm_mid_epoch_then_resume_reproduces_the_uninterrupted_loss_curve(tmp_path, request, source):
+    data = [] if source == "synthetic" else [
+        "data=shards", f"data.urls={request.getfixturevalue('train_shards')}", "data.num_workers=2",
+        "data.shuffle_buffer=8"]
+    run = (source, tmp_path)
+    train(_cfg(tmp_path, "full", f"full-{run}", -1, "trainer.max_steps=12", *data))
     with pytest.raises(SystemExit):  # Lightning's SIGTERMException
-        train(_cfg(tmp_path, "cut", "cut", 7, "trainer.max_steps=12"))
+        train(_cfg(tmp_path, "cut", f"cut-{run}", 7, "trainer.max_steps=12", *data))
     last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 7  # saved at the interruption, mid-epoch (epochs are 5 steps)
-    result = train(_cfg(tmp_path, "cut", "resumed", -1, "trainer.max_steps=12", f"ckpt_path={last}"))
+    result = train(_cfg(tmp_path, "cut", f"resumed-{run}", -1, "trainer.max_steps=12", f"ckpt_path={last}", *data))
     assert result["global_step"] == 12
-    full, resumed = LOSSES["full"], LOSSES["resumed"]
+    full, resumed = LOSSES[f"full-{run}"], LOSSES[f"resumed-{run}"]
     assert sorted(resumed) == list(range(8, 13))  # continues at the same global step
     for step in resumed:
         # same weights, optimizer/scheduler state, RNG draws and data order -> the same losses
@@ -85,6 +104,32 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_after_k(tmp_path, 
     reference = torch.load(train(clean)["last_ckpt"], map_location="cpu", weights_only=True)
     for k, v in reference["state_dict"].items():  # the skipped steps did not touch the weights
         assert torch.equal(good["state_dict"][k], v), k
+
+
+@pytest.mark.parametrize("fault", ["loss", "gradient"])
+def test_a_skipped_step_does_not_advance_the_lr_schedule(tmp_path, monkeypatch, fault):
+    from cag.models.cag_model import CAGModel
+
+    real = CAGModel.training_loss
+    calls = {"n": 0}
+
+    def faulty(self, batch, **kw):  # calls 2 and 3 are bad: a NaN loss, or a finite loss with a NaN gradient
+        loss, info = real(self, batch, **kw)
+        calls["n"] += 1
+        if calls["n"] in (2, 3):
+            if fault == "loss":
+                loss = loss * float("nan")
+            else:
+                p = next(self.transformer.parameters())
+                loss = loss + 0.0 * (p - p.detach()).abs().sqrt().sum()  # value +0, gradient 0/0
+        return loss, info
+
+    monkeypatch.setattr(CAGModel, "training_loss", faulty)
+    label = f"lr-{fault}-{tmp_path}"
+    result = train(_cfg(tmp_path, "lr", label, -1, "trainer.max_steps=6", "data.val_samples=0"))
+    assert result["global_step"] == 6 and result["train/nonfinite_steps"] == 2
+    # scheduler position after each of the 6 steps: steps 2 and 3 leave it where it was
+    assert LR_STEPS[label] == [1, 1, 1, 2, 3, 4]
 
 
 @pytest.mark.slow

@@ -178,6 +178,24 @@ def test_checkpoint_that_needs_unpickling_code_is_refused(tmp_path):
         train(_cfg(tmp_path, f"ckpt_path={path}"))
 
 
+def test_resume_checkpoint_is_checked_memory_mapped_not_loaded_a_second_time(tmp_path, monkeypatch):
+    """Lightning loads ckpt_path itself; the up-front check must not hold a second full copy of it."""
+    from cag.train import check_resume_checkpoint
+
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(256, 256)}, "optimizer_states": [{"m": torch.ones(256, 256)}]}, path)
+    calls: list[dict] = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    check_resume_checkpoint(str(path))
+    assert calls and all(c.get("mmap") is True and c.get("weights_only") is True for c in calls)
+
+
 def test_unknown_config_key_is_refused_naming_it(tmp_path):
     from hydra.errors import ConfigCompositionException
 

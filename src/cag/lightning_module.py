@@ -19,6 +19,7 @@ from diffusers.optimization import get_scheduler
 from omegaconf import DictConfig, OmegaConf
 
 from cag.models.cag_model import CAGModel, build_cag_model
+from cag.rng import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class CAGLightningModule(L.LightningModule):
         self.nonfinite_total = 0
         self.nonfinite_run = 0
         self.resume_data_position: tuple[int, int] | None = None
+        self._optimizer_step_skipped = False  # set by the non-finite guard; keeps the LR schedule in place
 
     # -------------------------------------------------------------- checkpoint contents
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
@@ -83,8 +85,7 @@ class CAGLightningModule(L.LightningModule):
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "torch_rng_state" in checkpoint:
-            torch.set_rng_state(checkpoint["torch_rng_state"])
+        restore_rng_state(checkpoint, self._training_device())
         fit = checkpoint.get("loops", {}).get("fit_loop", {})
         if fit:
             # where the data stream stood: the data module resumes the same epoch order after these batches
@@ -132,14 +133,17 @@ class CAGLightningModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.model.transformer.parameters() if p.grad is not None]
         if not grads:  # training_step returned None (non-finite loss): nothing to apply, nothing to reset
+            self._optimizer_step_skipped = True
             return
         norm = torch.nn.utils.get_total_norm(grads)
         # under FSDP each rank sees only its shard: all ranks must agree to skip
         if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(norm)), all=True):
             for p in self.model.transformer.parameters():
                 p.grad = None  # AdamW leaves parameters without gradients untouched: the step is skipped
+            self._optimizer_step_skipped = True
             self._nonfinite(f"gradient norm={norm.item()}")
             return
+        self._optimizer_step_skipped = False
         self.nonfinite_run = 0
         self.log("train/grad_norm", norm, batch_size=1)
 
@@ -158,9 +162,21 @@ class CAGLightningModule(L.LightningModule):
                 f"training stopped at step {self.global_step}. The last good weights are in {path}"
             )
 
+    def lr_scheduler_step(self, scheduler: Any, metric: Any | None) -> None:
+        """A step the non-finite guard skipped changed no weight, so it does not move the LR schedule either."""
+        if self._optimizer_step_skipped:
+            self._optimizer_step_skipped = False
+            return
+        super().lr_scheduler_step(scheduler, metric)
+
+    def _training_device(self) -> torch.device:
+        """The device this process trains on (known before the module is moved there, when a resume loads)."""
+        return self.trainer.strategy.root_device if self._trainer is not None else self.device
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # the step's random draws (VAE/text dropout, timesteps, noise) continue exactly after a resume
-        checkpoint["torch_rng_state"] = torch.get_rng_state()
+        # the step's random draws (VAE/text dropout, timesteps, noise on the CPU and on the GPU)
+        # continue exactly after a resume
+        checkpoint.update(capture_rng_state(self._training_device()))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.log("train/step_time_s", time.perf_counter() - self._step_start, batch_size=1)

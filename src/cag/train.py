@@ -33,7 +33,12 @@ def run_name_from_hydra(default: str = "default") -> str:
 
 
 def check_resume_checkpoint(path: str | None) -> None:
-    """A missing or unreadable ``ckpt_path`` is named before anything is built (loaded without unpickling code)."""
+    """A missing or unreadable ``ckpt_path`` is named before anything is built (loaded without unpickling code).
+
+    The file is memory-mapped, not read: Lightning loads it again when training starts, and a
+    full load here would hold a second copy of the weights and optimizer state (for the real
+    model, tens of GB) just to look at two keys.
+    """
     if not path:
         return
     p = Path(path)
@@ -41,7 +46,7 @@ def check_resume_checkpoint(path: str | None) -> None:
         raise ConfigError(f"ckpt_path={path} does not exist")
     if p.is_file():
         try:
-            ckpt = torch.load(p, map_location="cpu", weights_only=True)
+            ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # torch raises several types for truncated / foreign / pickled-code files
             raise ConfigError(f"ckpt_path={path} is not a loadable Lightning checkpoint: {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:200]}") from exc

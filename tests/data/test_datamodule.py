@@ -55,6 +55,26 @@ def test_two_ranks_two_workers_read_disjoint_samples_and_run_equal_steps(shard_d
         assert not set(per_rank_train_keys[0]) & set(per_rank_train_keys[1])
 
 
+def test_shard_training_order_is_a_function_of_seed_epoch_rank_and_worker(shard_dir, monkeypatch):
+    """webdataset seeds ResampledShards and shuffle from the clock and os.urandom unless told otherwise."""
+    _, shards = shard_dir
+
+    def keys(seed: int, epoch: int, rank: int = 0) -> list[str]:
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        dm = CAGDataModule(source="shards", urls=shards, batch_size=2, num_workers=2, epoch_batches=6, seed=seed)
+        loader = dm.train_dataloader()
+        loader.dataset.set_epoch(epoch)
+        return [k for batch in loader for k in batch["keys"]]
+
+    first = keys(seed=3, epoch=1)
+    assert len(first) == 12
+    assert keys(seed=3, epoch=1) == first  # a second run (or a resumed one) reads the same stream
+    assert keys(seed=3, epoch=2) != first  # a new epoch, a new draw
+    assert keys(seed=4, epoch=1) != first
+    assert keys(seed=3, epoch=1, rank=1) != first  # ranks draw independently
+
+
 def test_batches_are_bucketed_by_reference_count():
     samples = list(generate_split("train", 12, SyntheticConfig(image_size=64, num_characters=[1, 3], seed=1)))
     for batch in bucket_batches(samples, 3, drop_last=False):

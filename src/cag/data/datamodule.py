@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
-from webdataset.utils import pytorch_worker_info
+from webdataset.utils import make_seed, pytorch_worker_info
 
 from cag.data.sample import GroundingError, Sample
 from cag.utils.plain import plain
@@ -100,6 +100,17 @@ def _shard_index() -> tuple[int, int]:
     return rank * num_workers + worker, world * num_workers
 
 
+def reader_seed(seed: int, epoch: int) -> int:
+    """Seed of this reader's shard stream: a function of (run seed, epoch, rank, worker) only.
+
+    The same inputs give the same shard draws and sample shuffle, so a run repeats, and a
+    resumed run regenerates the interrupted epoch's stream and skips what it already
+    trained on (as the synthetic and manifest sources do with their epoch order).
+    """
+    rank, _, worker, _ = pytorch_worker_info()
+    return make_seed(int(seed), int(epoch), rank, worker)
+
+
 class SampleStream(IterableDataset):
     """Yields collated batches; each rank x worker reads a disjoint part of the source."""
 
@@ -145,6 +156,7 @@ class SampleStream(IterableDataset):
                 split_by_node=True,
                 split_by_worker=True,
                 on_error=dm.record_skip,
+                seed=reader_seed(dm.seed, self.epoch) if self.train else dm.seed,
             )
             self._stats = pipeline.stats
             yield from pipeline

@@ -461,6 +461,7 @@ def iter_shard_samples(
     split_by_node: bool = True,
     split_by_worker: bool = True,
     on_error: Callable[[str, str, str], None] | None = None,
+    seed: int = 0,
 ) -> wds.DataPipeline:
     """Stream :class:`Sample` objects from shards, skipping bad data with a warning instead of crashing.
 
@@ -471,6 +472,11 @@ def iter_shard_samples(
     ``shuffle``: sample shuffle buffer (0: keep shard order; validation/test).
     ``on_error(shard, key, reason)`` is called for every skipped sample or unreadable
     shard; counts are on the returned pipeline's ``stats`` (:class:`ReadStats`).
+    ``seed`` fixes every random choice of this pipeline (shards drawn, shard and sample
+    shuffles): webdataset otherwise seeds them from the clock, the pid and ``os.urandom``,
+    and a run could be neither repeated nor resumed exactly. A caller reading from several
+    ranks, workers or epochs passes a different seed for each (see
+    :func:`cag.data.datamodule.reader_seed`).
     """
     url_list = [u for spec in ([urls] if isinstance(urls, str) else urls) for u in wds.shardlists.expand_urls(str(spec))]
     if not url_list:
@@ -478,7 +484,9 @@ def iter_shard_samples(
     reporter = _BadDataReporter(url_list, on_error)
     stages: list[Any] = []
     if resampled:
-        stages.append(wds.ResampledShards(url_list))
+        # deterministic=True drops the pid/clock/urandom terms; worker_seed replaces webdataset's
+        # rank*1000+worker term, because the caller's seed already says which reader this is
+        stages.append(wds.ResampledShards(url_list, seed=seed, deterministic=True, worker_seed=lambda: 0))
     else:
         stages.append(wds.SimpleShardList(url_list))
         if split_by_node:
@@ -486,12 +494,12 @@ def iter_shard_samples(
         if split_by_worker:
             stages.append(wds.split_by_worker)
         if shuffle > 0:
-            stages.append(wds.shuffle(min(len(url_list), 100)))
+            stages.append(wds.shuffle(min(len(url_list), 100), seed=seed))
     stages.append(reporter.note_shards)
     stages.append(wds.tarfile_to_samples(handler=reporter.tar_handler))
     stages.append(reporter.note_keys)
     if shuffle > 0:
-        stages.append(wds.shuffle(shuffle))
+        stages.append(wds.shuffle(shuffle, seed=seed + 1))
     stages.append(reporter.convert)
     pipeline = wds.DataPipeline(*stages)
     pipeline.stats = reporter.stats  # type: ignore[attr-defined]

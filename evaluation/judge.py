@@ -1,6 +1,8 @@
 """MLLM judge for Prompt Following (PF) and Subject Consistency (SC), 0-10 each.
 
-One call per criterion and sample, as in the paper (Sec. 4.2) and DESIGN.md §8. Unlike the
+One call per criterion and sample, as in the paper (Sec. 4.2) and DESIGN.md §8, online or
+through the Batch API (:class:`cag.remote.batch.BatchChatClient`, half the price) with the
+same prompts, validation and cache. Unlike the
 peers' scripts, a sample whose answer cannot be parsed after the retry budget is recorded
 as failed with its reason: its score is ``None``, never a random or zero stand-in, and
 ``evaluation.aggregate.summarize`` reports the coverage.
@@ -17,6 +19,7 @@ from typing import Any
 
 from PIL import Image
 
+from cag.remote.batch import BatchChatClient
 from cag.remote.chat import ChatClient, ChatRequest, ChatResult, image_to_data_url
 from evaluation import prompts
 from evaluation.aggregate import overall_per_sample
@@ -237,8 +240,7 @@ def judge_items(
         if pending[item_key] == 0 and on_result is not None:
             on_result(records[item_key])
 
-    for start in range(0, len(items), max(1, chunk_size)):
-        chunk = items[start : start + max(1, chunk_size)]
+    def chunk_requests(chunk: Sequence[JudgeItem]) -> list[ChatRequest]:
         requests: list[ChatRequest] = []
         memo: dict[Any, str] = {}
         for item in chunk:
@@ -251,7 +253,19 @@ def judge_items(
                         request_key(item.key, criterion), build_messages(item, criterion, urls), max_tokens
                     )
                 )
-        client.run(requests, parse_score, on_result=settle, progress=progress)
+        return requests
+
+    step = max(1, chunk_size)
+    if isinstance(client, BatchChatClient):
+        # one set of batches for the whole run (a batch per chunk would wait for each in turn);
+        # the chunks only bound how many encoded images are in memory while the input file is written
+        with client.session(parse_score, on_result=settle, progress=progress) as session:
+            for start in range(0, len(items), step):
+                session.add(chunk_requests(items[start : start + step]))
+        return [records[item.key] for item in items]
+    for start in range(0, len(items), step):
+        chunk = items[start : start + step]
+        client.run(chunk_requests(chunk), parse_score, on_result=settle, progress=progress)
         out.extend(records[item.key] for item in chunk)
     return out
 

@@ -238,6 +238,22 @@ class ChatClient:
             f"api_key_env={self.api_key_env!r}, max_concurrency={self.max_concurrency})"
         )
 
+    def _openai_client(self, asynchronous: bool = False) -> openai.OpenAI | openai.AsyncOpenAI:
+        """An openai client with this client's key, endpoint and timeout, retries left to us;
+        the batch client uses it for the files and batches endpoints."""
+        cls = openai.AsyncOpenAI if asynchronous else openai.OpenAI
+        return cls(api_key=self.__api_key, base_url=self.base_url, max_retries=0, timeout=self.timeout_s)
+
+    def _online_copy(self, max_retries: int) -> ChatClient:
+        """A plain online client with this one's key, endpoint, cache and settings but its own call
+        count and retry budget: the batch client sends retries through it (``retry_mode=online``)."""
+        clone = ChatClient.__new__(ChatClient)
+        clone.__dict__.update(self.__dict__)
+        clone.max_retries = max_retries
+        clone._calls = 0
+        clone._calls_lock = threading.Lock()
+        return clone
+
     @property
     def calls_made(self) -> int:
         """HTTP calls issued by this client since construction (all runs), for cost accounting."""
@@ -293,12 +309,7 @@ class ChatClient:
                 todo.append(i)
 
         if todo:
-            client = openai.AsyncOpenAI(
-                api_key=self.__api_key,
-                base_url=self.base_url,
-                max_retries=0,
-                timeout=self.timeout_s,
-            )
+            client = self._openai_client(asynchronous=True)
             sem = asyncio.Semaphore(self.max_concurrency)
             fatal: list[str] = []
 

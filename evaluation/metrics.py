@@ -123,9 +123,13 @@ def load_dino(source: str = DINO_HUB_ID, device: str | torch.device = "cpu") -> 
     try:
         model = ViTModel.from_pretrained(target, local_files_only=True, add_pooling_layer=False)
     except (OSError, ValueError) as exc:
+        if target != source or not isinstance(exc, OSError):  # a local directory that fails to load: say why
+            raise MetricUnavailable(f"DINO weights '{source}' could not be loaded: {str(exc).splitlines()[0]}") from exc
+        # a hub id that is not cached: transformers' own multi-line "couldn't connect" text says
+        # nothing about how to fix it offline, so one line that does replaces it
         raise MetricUnavailable(
-            f"DINO weights '{source}' are not available offline (not a local model directory and not in "
-            f"the Hugging Face cache): {exc}"
+            f"DINO weights '{source}' not found locally; set metrics.dino.source=<saved model directory> or "
+            f"fill the Hugging Face cache once online (hf download {source})"
         ) from exc
     model.eval().requires_grad_(False).to(device)
     size = model.config.image_size
@@ -204,7 +208,9 @@ def load_clip(
         cached = _cached_open_clip_file(model_name, pretrained)
         if cached is None:
             raise MetricUnavailable(
-                f"CLIP weights '{model_name}' / '{pretrained}' are not in the local cache and cannot be downloaded offline"
+                f"CLIP weights '{model_name}' / '{pretrained}' not found locally; set metrics.clip.pretrained="
+                f"<weights file> or fill the cache once online (open_clip.create_model_and_transforms"
+                f"('{model_name}', pretrained='{pretrained}'))"
             )
         weights = cached
         kwargs["force_preprocess_cfg"] = {

@@ -272,6 +272,24 @@ def test_build_metrics_skips_what_is_missing_and_builds_the_rest(dino_dir: Path,
     assert math.isclose(metrics["dino"].compute().item(), 1.0, abs_tol=1e-5)
 
 
+def test_missing_weights_are_one_line_each_saying_how_to_provide_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not the hub library's multi-line 'could not connect' text: the config key to set, or how to cache."""
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    cfg = {"dino": {"source": "cag-tests/not-a-cached-model"},
+           "clip": {"model_name": "ViT-B-32-quickgelu", "pretrained": "openai"}}
+    with caplog.at_level("WARNING", logger="evaluation.metrics"):
+        metrics, skipped = build_metrics(cfg)
+    assert metrics == {}
+    assert "metrics.dino.source=" in skipped["dino"] and "metrics.clip.pretrained=" in skipped["clip_i"]
+    assert all("\n" not in reason and len(reason) < 240 for reason in skipped.values())
+    lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(lines) == 2 and all("\n" not in line for line in lines)
+
+
 def test_build_metrics_shares_one_clip_model(clip_weights: Path) -> None:
     metrics, skipped = build_metrics(
         {"metrics": ["clip_i", "clip_t"], "clip": {"model_name": TINY_CLIP, "pretrained": str(clip_weights)}}

@@ -356,14 +356,11 @@ def ensure_generations(
     The model is loaded only when something is missing, so re-scoring finished images
     (a new judge, a new metric) does not pay for loading a 20 B-parameter model.
     """
-    from cag.sampling import SamplerConfig
+    from cag.generate import read_checkpoint
+    from cag.sampling import sampler_from_settings
 
-    sampler = SamplerConfig(
-        num_steps=int(sampler_cfg.get("num_steps", 25)),
-        cfg_scale=float(sampler_cfg.get("cfg_scale", 4.0)),
-        negative_prompt=str(sampler_cfg.get("negative_prompt", " ")),
-        use_ref_latents=bool(sampler_cfg.get("use_ref_latents", True)),
-    )
+    trained_cfg = read_checkpoint(target.checkpoint)["hyper_parameters"]["model"] if target.checkpoint else model_cfg
+    sampler = sampler_from_settings(sampler_cfg, trained_cfg)
     fp_settings = {
         "sampler": asdict(sampler),
         "seed": int(seed),
@@ -618,11 +615,19 @@ def run_judge(
     progress: bool = False,
 ) -> tuple[dict[str, Any], int, list[str]]:
     """PF / SC per sample -> (records by key, HTTP calls made, model names the API reported)."""
+    from cag.remote.batch import BatchChatClient, BatchPendingError
     from cag.remote.chat import ChatClient
     from evaluation.judge import JudgeItem, judge_items, write_jsonl
 
     client_cfg = {k: v for k, v in dict(judge_cfg.get("client") or {}).items()}
-    client = ChatClient(**client_cfg)
+    mode = str(judge_cfg.get("mode", "online"))
+    client: ChatClient
+    if mode == "batch":
+        client = BatchChatClient(**client_cfg, **dict(judge_cfg.get("batch") or {}))
+    elif mode == "online":
+        client = ChatClient(**client_cfg)
+    else:
+        raise EvaluationError(f"evaluation.judge.mode={mode!r} is not one of ['online', 'batch']")
     items = []
     for s in samples:
         scene = (s.truth or {}).get("scene", {}).get("image_id") if s.truth else None
@@ -636,14 +641,17 @@ def run_judge(
                 scene_ref=int(scene) if scene else None,
             )
         )
-    records = judge_items(
-        items,
-        client,
-        criteria=list(judge_cfg.get("criteria") or ["PF", "SC"]),
-        max_tokens=int(judge_cfg.get("max_tokens", 512)),
-        chunk_size=int(judge_cfg.get("chunk_size", 64)),
-        progress=progress,
-    )
+    try:
+        records = judge_items(
+            items,
+            client,
+            criteria=list(judge_cfg.get("criteria") or ["PF", "SC"]),
+            max_tokens=int(judge_cfg.get("max_tokens", 512)),
+            chunk_size=int(judge_cfg.get("chunk_size", 64)),
+            progress=progress,
+        )
+    except BatchPendingError as exc:
+        raise EvaluationError(str(exc)) from exc
     write_jsonl(records, out_path)
     reported = sorted({m for r in records for m in r.model_reported.values() if m})
     return {r.key: r for r in records}, client.calls_made, reported
@@ -966,6 +974,7 @@ def _eval_params(c: Mapping[str, Any], outcome: EvalOutcome) -> dict[str, Any]:
         "judge": {
             "enabled": "skipped" if "pf" in outcome.skipped else "yes",
             "model": judge_client.get("model"),
+            "mode": ((c.get("evaluation") or {}).get("judge") or {}).get("mode", "online"),
             # host only: a URL may carry credentials in its user-info part
             "host": urlparse(str(base_url)).hostname if base_url else "api.openai.com",
         },

@@ -1,45 +1,50 @@
 """Table 3: inference without reference VAE latents, models trained without vs with VAE dropout.
 
-    python experiments/table3.py                                   # embedded default, full size
-    python experiments/table3.py --from-sweep outputs/experiments/table2/train   # reuse Table 2's models
-    python experiments/table3.py --steps 10 --n-eval 4 --num-steps 4 --train-override data.batch_size=2
+    python experiments/table3.py --seeds 3 --from-sweep outputs/experiments/table2/train   # reuse Table 2's models
+    python experiments/table3.py --seeds 3                          # train the two models itself
+    python experiments/table3.py --preset default --steps 6 --n-eval 4 --num-steps 4 --train-override data.batch_size=2
 
-Both models use masked attention (ablation_mask: vae_dropout 0; cag: 0.5) and are
-evaluated with ``sampler.use_ref_latents=false``; the scores go to the training runs as
-``eval_noref/...`` so they sit next to, not over, the default evaluation's ``eval/...``.
+Both models use masked attention (vae_dropout 0 and 0.5, the configurations of Table 2's
+ablation_mask and cag) and are evaluated with ``sampler.use_ref_latents=false``; the
+scores go to the training runs as ``eval_noref/...`` so they sit next to, not over, the
+default evaluation's ``eval/...``. The paired difference (w/ minus w/o) is the paper's
++1.127 Overall claim.
 """
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
 import common
-from common import JUDGE_METRICS, PROXY_METRICS, Config, TrainedRun
+from common import Comparison, Config, TrainedRun
 
 NAME = "table3"
 PREFIX = "eval_noref"
+EVAL_OVERRIDES = ["sampler.use_ref_latents=false"]
+# the paper's Table 3 (GPT-4.1 judge, 0-10): PF, SC, Overall
 CONFIGS = (
-    Config("masked", 0.0, "w/o VAE dropout"),
-    Config("masked", 0.5, "w/ VAE dropout"),
+    Config("masked", 0.0, "w/o VAE dropout", ("experiment=cag", "vae_dropout=0.0"), (6.591, 5.807, 6.146)),
+    Config("masked", 0.5, "w/ VAE dropout", ("experiment=cag", "vae_dropout=0.5"), (7.258, 7.354, 7.273)),
 )
-SWEEP = ["experiment=cag", "vae_dropout=0.0,0.5"]
+COMPARISONS = (
+    Comparison("w/ VAE dropout", "w/o VAE dropout", +1, {"PF": 0.667, "SC": 1.547, "Overall": 1.127},
+               "VAE dropout in training helps when inference has no reference latents"),
+)
 
 
-def build(runs: Sequence[TrainedRun], out: Path) -> list[Path]:
-    header = ["Method", *JUDGE_METRICS, *PROXY_METRICS, "run"]
-    rows = [
-        [r.config.label, *(common.cell(common.metric(r, PREFIX, m)) for m in (*JUDGE_METRICS, *PROXY_METRICS)), r.run_id]
-        for r in runs
-    ]
-    note = common.judge_note(runs, PREFIX) + " Inference without reference VAE latents (use_ref_latents=false)."
-    md, csv_path = common.write_table(out / NAME, header, rows, note)
-    return [md, csv_path]
+def build(runs: Sequence[TrainedRun], out: Path, args: argparse.Namespace) -> list[Path]:
+    return common.standard_outputs(
+        runs, out, args, name=NAME, title="Table 3: inference without reference VAE latents",
+        head=["Method"], row_head=lambda c: [c.label], comparisons=COMPARISONS, eval_overrides=EVAL_OVERRIDES,
+        note="Inference without reference VAE latents (sampler.use_ref_latents=false).",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
-    return common.cli(argv, doc=__doc__, name=NAME, configs=CONFIGS, sweep_overrides=SWEEP, metric_prefix=PREFIX,
-                      build=build, eval_overrides=["sampler.use_ref_latents=false"])
+    return common.cli(argv, doc=__doc__, name=NAME, configs=CONFIGS, metric_prefix=PREFIX, build=build,
+                      eval_overrides=EVAL_OVERRIDES)
 
 
 if __name__ == "__main__":

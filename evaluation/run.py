@@ -21,6 +21,7 @@ for _p in (_ROOT, _ROOT / "src"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
+from cag.utils.logs import setup_logging  # noqa: E402
 from evaluation.runner import EvaluationError, evaluate, format_report  # noqa: E402
 
 log = logging.getLogger("evaluation.run")
@@ -30,6 +31,7 @@ log = logging.getLogger("evaluation.run")
 def main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    setup_logging()  # httpx & co. at WARNING: one INFO line per judge call would bury the summary
     try:
         outcome = evaluate(cfg)
     except EvaluationError as exc:

@@ -101,13 +101,8 @@ class CAGLightningModule(L.LightningModule):
             )
 
     # -------------------------------------------------------------- steps
-    def transfer_batch_to_device(self, batch: dict[str, Any], device: torch.device, dataloader_idx: int) -> dict[str, Any]:
-        """Only pixel tensors travel; PIL images and groundings stay on the host for the VLM processor."""
-        out = dict(batch)
-        out["ref_pixels"] = [p.to(device) for p in batch["ref_pixels"]]
-        if "target_pixels" in batch:
-            out["target_pixels"] = batch["target_pixels"].to(device)
-        return out
+    # moving a batch to the device is the data module's job (it knows the batch layout):
+    # see CAGDataModule.transfer_batch_to_device
 
     def on_train_epoch_start(self) -> None:
         ds = getattr(self.trainer.train_dataloader, "dataset", None)

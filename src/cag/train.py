@@ -17,6 +17,7 @@ from cag.fault_tolerance import LastCheckpoint
 from cag.lightning_module import CAGLightningModule
 from cag.parallel import avoid_double_checkpointing
 from cag.utils.config import ConfigError, flatten_config, validate_train_config
+from cag.utils.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one configuration; returns the final metrics and the checkpoint paths."""
+    setup_logging()
     validate_train_config(cfg)
     check_resume_checkpoint(cfg.get("ckpt_path"))
     L.seed_everything(cfg.seed, workers=True)
@@ -82,7 +84,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = instantiate_group(cfg.get("callbacks"))
     module = CAGLightningModule(
         model=cfg.model, optim=cfg.optim, loss=cfg.loss, attention=cfg.attention, ref_positions=cfg.ref_positions,
-        vae_dropout=cfg.vae_dropout, text_dropout=cfg.text_dropout, seed=cfg.seed,
+        vae_dropout=cfg.vae_dropout, text_dropout=cfg.text_dropout, seed=cfg.seed, ema_decay=cfg.ema_decay,
     )
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     avoid_double_checkpointing(trainer, module.model.transformer)  # FSDP checkpoints blocks itself

@@ -231,6 +231,18 @@ class CAGDataModule(L.LightningDataModule):
         self.manifest_samples: list[Sample] = []
         self.skipped: list[tuple[str, str, str]] = []
 
+    def transfer_batch_to_device(self, batch: dict[str, Any], device: torch.device, dataloader_idx: int) -> dict[str, Any]:
+        """Only pixel tensors travel; PIL images and groundings stay on the host for the VLM processor.
+
+        Defined here, with the batch layout it depends on, rather than on the LightningModule:
+        Lightning warns on every run when the module overrides it while a data module is used.
+        """
+        out = dict(batch)
+        out["ref_pixels"] = [p.to(device) for p in batch["ref_pixels"]]
+        if "target_pixels" in batch:
+            out["target_pixels"] = batch["target_pixels"].to(device)
+        return out
+
     def record_skip(self, shard: str, key: str, reason: str) -> None:
         self.skipped.append((shard, key, reason))
 

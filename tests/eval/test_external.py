@@ -172,6 +172,20 @@ def test_external_images_missing_unreadable_named_others_resized_scored_and_tagg
     assert run.data.metrics["coverage_PF"] == pytest.approx(0.5)
     assert "sampler/num_steps" not in run.data.params, "no sampler ran for external images"
 
+    # the run is a Table 1 row: the bootstrap's point estimate is the run's metric, coverage its count
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import table1
+
+    rows, _ = table1.build_table1(uri, tmp_path / "t1", n_boot=200, log_to_mlflow=False, paper=False)
+    row = rows[0]
+    assert row.method == "Method X" and row.source == "external"
+    assert row.cells["pf"].mean == run.data.metrics["PF"] == 6.0 and (
+        row.cells["pf"].scored,
+        row.cells["pf"].total,
+    ) == (3, 6)
+    assert rows[1].method == "Method X (judge-free proxy)"
+    assert rows[1].cells["overall"].mean == pytest.approx(run.data.metrics["proxy_Overall"])
+
 
 def test_batch_judge_gives_the_evaluation_the_same_scores_as_online(tmp_path):
     samples = load_benchmark(SYN, 6)
@@ -220,6 +234,8 @@ def test_size_rule_auto_native_and_explicit(tmp_path):
     resized = collect_external_images(samples, folder, tmp_path / "out", 64)
     assert resized.resized == [s.key for s in samples]
     assert Image.open(resized.paths[samples[0].key]).size == (64, 64)
-    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{s.key}.png" for s in samples), "folder only read"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{s.key}.png" for s in samples), (
+        "folder only read"
+    )
     with pytest.raises(EvaluationError, match="not a folder"):
         collect_external_images(samples, tmp_path / "nope", tmp_path / "out", 128)

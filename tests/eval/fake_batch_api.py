@@ -146,7 +146,8 @@ class FakeBatchAPI(OpenAICompatServer):
         self.batches: dict[str, _Batch] = {}
         self.uploads = 0
         self.polls = 0
-        self.batch_lines = 0  # request lines answered through batches (billed calls)
+        self.batch_lines = 0  # request lines received through batches (billed calls)
+        self.batch_answered = 0  # of which reached the responder (not dropped, error-filed or corrupted)
         self.faults: dict[str, int] = {"error_line": 0, "drop": 0, "malformed": 0, "poll_error": 0}
 
     def start(self) -> FakeBatchAPI:
@@ -252,6 +253,8 @@ class FakeBatchAPI(OpenAICompatServer):
                 )
                 continue
             index = self._record(req["body"], {})
+            with self._block:
+                self.batch_answered += 1
             reply: Reply = self.responder(req["body"], index)
             if reply.status != 200:
                 err.append(
@@ -304,3 +307,8 @@ class FakeBatchAPI(OpenAICompatServer):
     @property
     def batches_created(self) -> int:
         return len(self.batches)
+
+    @property
+    def online_calls(self) -> int:
+        """Chat completions received online (``/v1/chat/completions``), not through a batch."""
+        return len(self.calls) - self.batch_answered

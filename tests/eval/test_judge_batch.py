@@ -121,7 +121,7 @@ def test_retry_mode_online_sends_only_the_invalid_answers_online(tmp_path: Path)
     with FakeBatchAPI(responder, batch_delay_s=0.05) as server:
         records = judge_items(items, batch_client(server, tmp_path / "cache", retry_mode="online"))
         assert server.batches_created == 1 and server.batch_lines == 20
-        assert len(server.calls) == 40, "20 lines in the batch, then 20 online calls"
+        assert server.online_calls == 20, "20 lines in the batch, then 20 online calls"
     for i, rec in enumerate(records):
         assert (rec.pf, rec.sc) == (expected(i, "PF"), expected(i, "SC"))
         assert rec.attempts == {"PF": 2, "SC": 2} and rec.raw["SC"][0] == '{"score": 12}'

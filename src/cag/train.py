@@ -11,11 +11,13 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cag.fault_tolerance import LastCheckpoint
 from cag.lightning_module import CAGLightningModule
 from cag.parallel import avoid_double_checkpointing
+from cag.tracking import log_training_run_metadata
 from cag.utils.config import ConfigError, flatten_config, validate_train_config
 from cag.utils.logs import setup_logging
 
@@ -90,6 +92,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     avoid_double_checkpointing(trainer, module.model.transformer)  # FSDP checkpoints blocks itself
     for lg in loggers:
         lg.log_hyperparams(flatten_config(cfg))
+        if isinstance(lg, MLFlowLogger):  # experiment kind (runs table first) and what this run trains on
+            log_training_run_metadata(lg.experiment, lg.experiment_id, lg.run_id, datamodule)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
 

@@ -10,6 +10,7 @@ directly comparable in the MLflow UI.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,8 @@ class ValidationGrid(L.Callback):
         was_training = model.training
         model.eval()
         try:
-            with torch.random.fork_rng(devices=[]):
+            ema = pl_module.ema_weights() if hasattr(pl_module, "ema_weights") else contextlib.nullcontext()
+            with torch.random.fork_rng(devices=[]), ema:
                 images = sample_batch(model, batch, [self.seed + i for i in range(len(batch["instructions"]))],
                                       self.sampler, size, size)
         finally:

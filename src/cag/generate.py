@@ -35,7 +35,7 @@ from cag.lightning_module import TRAINABLE_PREFIX, CheckpointMismatchError, mode
 from cag.models.attention import ATTENTION_MODES
 from cag.models.cag_model import CAGModel, Conditioning, build_cag_model
 from cag.models.positions import REF_POSITION_MODES
-from cag.sampling import SamplerConfig, sample
+from cag.sampling import SamplerConfig, sample, sampler_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,10 @@ def load_model_for_inference(
                     f"model={wanted.get('name')!r} asks for {model_architecture(wanted)}"
                 )
         cfg = saved
-        state = ckpt["state_dict"]
+        # EMA weights are what a run is meant to be sampled with (see CAGLightningModule); raw ones otherwise
+        ema = ckpt.get("ema_state_dict")
+        state = ema if isinstance(ema, Mapping) and ema else ckpt["state_dict"]
+        info["ema"] = state is ema
         info.update(checkpoint=str(Path(checkpoint).resolve()), global_step=ckpt.get("global_step"))
     elif model_cfg is not None:
         cfg = _as_dict(model_cfg)
@@ -166,6 +169,7 @@ def load_model_for_inference(
         vlm_image_size=cfg.get("vlm_image_size"),
         trained_attention=hp.get("attention"),
         trained_vae_dropout=hp.get("vae_dropout"),
+        model_config=cfg,
     )
     return model, info
 
@@ -297,6 +301,7 @@ def generate_samples(
         "model_name": info.get("model_name"),
         "model_source": info.get("model_source"),
         "weights": info.get("weights"),
+        "ema_weights": info.get("ema"),
         "global_step": info.get("global_step"),
         "model_seed": info.get("build_seed"),  # builds the frozen VLM (and an untrained DiT) of the tiny model
     }
@@ -419,9 +424,8 @@ def run_generate(
     )
     image_size = int(cfg.get("image_size") or info["image_size"])
     vlm_image_size = int(cfg.get("vlm_image_size") or info["vlm_image_size"])
-    sampler = SamplerConfig(
-        num_steps=int(cfg.num_steps), cfg_scale=float(cfg.cfg_scale), negative_prompt=str(cfg.negative_prompt),
-        use_ref_latents=bool(cfg.use_ref_latents),
+    sampler = sampler_from_settings(
+        {k: cfg.get(k) for k in ("num_steps", "cfg_scale", "negative_prompt", "use_ref_latents")}, info["model_config"]
     )
     target = Path(out_dir or cfg.get("out_dir") or ".")
     start = time.perf_counter()

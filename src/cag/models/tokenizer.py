@@ -66,6 +66,23 @@ _CORPUS = [
     'format which image each object is in and its bbox coordinates. {"image_id": "1", "bbox_2d": [1, 2, 3, 4], '
     '"label": "object name"} the list is as follows',
     "0 1 2 3 4 5 6 7 8 9 10 100 1000 [ ] { } , . : ; ' \" ( ) - _ ! ? \n",
+    # Everyday descriptive English, so that common words are single tokens as in a real tokenizer's
+    # vocabulary; the text stream is then a few words long per phrase instead of a few letters.
+    "A girl waves at the viewer and smiles, wearing a warm coat. He stands by the door, his hair neatly cut.",
+    "They walk together along the street; she turns towards him, admiring his new hat and his bright scarf.",
+    "The boy is sitting on a bench in the park, with a tree behind him and a lamp post nearby.",
+    "Behind them lies a quiet meadow at sunset, where a small tent and a red car can be seen.",
+    "The setting is a snowy field with a wooden house; the scene takes place in front of a tall building.",
+    "Her long hair is falling past the shoulders; his spiky hair is sticking up; twin tails bouncing on both sides.",
+    "The dress contrasts with the dark trousers. The yellow umbrella stands out against the gray sky.",
+    "A man in a maroon jacket and khaki pants, a woman in an olive skirt, a child in lime and navy clothes.",
+    "The night plaza is lit by a lamp; the desert is hot and empty; the beach has a mailbox by the road.",
+    "She also wears round glasses. He also wears a cap. They wear matching shoes. It is a sunny day outside.",
+    "smiles back at, looks at, points to, holds hands with, runs past, waits for, talks with, leans on",
+    "in the middle, on the left side, on the right side, in the background, in the foreground, next to",
+    "eye-level, front-facing, wide shot, portrait, landscape, view, camera, lighting, shadow, colour, color",
+    "Eye-level shot. Front-facing view. Wide angle. In the morning. On a bench. Behind the house. The end.",
+    "She smiles. He waves. They stand. It rains. We see. In front. On top. At night. With friends. Close-up.",
 ]
 
 

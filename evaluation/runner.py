@@ -744,6 +744,8 @@ def evaluate(cfg: DictConfig | Mapping[str, Any]) -> EvalOutcome:
     data_cfg = dict(c.get("data") or {})
     images_folder = c.get("images")
     external: ExternalImages | None = None
+    if images_folder and c.get("checkpoint") not in (None, ""):
+        raise EvaluationError("images= scores a folder of another method's images; drop checkpoint= (or images=)")
     if images_folder:
         # another method's images: nothing to find or generate, the folder is the model's output
         folder = Path(str(images_folder)).expanduser().resolve()

@@ -109,6 +109,7 @@ def test_faulty_batches_are_retried_in_follow_up_batches_and_failures_are_record
     assert 1.0 < per_criterion < 2.0
     states = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "batches").glob("batch-*.json")]
     assert len(states) == server.batches_created and all(s["done"] for s in states)
+    assert list((tmp_path / "cache" / "batches").glob("input-*.jsonl")) == [], "input files removed once done"
     assert FAKE_KEY not in "".join(p.read_text() for p in (tmp_path / "cache").rglob("*") if p.is_file())
 
 
@@ -135,6 +136,7 @@ def test_interrupted_batch_resumes_by_its_id_without_sending_anything_again(tmp_
         (batch_id,) = info.value.batch_ids
         state = json.loads((tmp_path / "cache" / "batches" / f"batch-{batch_id}.json").read_text())
         assert state["batch_id"] == batch_id and len(state["custom_ids"]) == 12 and not state["done"]
+        assert (tmp_path / "cache" / "batches" / state["spool"]).is_file(), "input kept while the batch runs"
 
         resumed_client = batch_client(server, tmp_path / "cache")
         records = judge_items(items, resumed_client)

@@ -628,3 +628,20 @@ class _Session(Generic[T]):
                 self._submit(path, ids)
         if self.bar is not None:
             self.bar.close()
+        self._remove_finished_spools()
+
+    def _remove_finished_spools(self) -> None:
+        """Delete the input files this session used once no unfinished batch needs them: they hold
+        every image inline (hundreds of MB at paper scale); the small state files stay as the record."""
+        used = {p.spool for p in self.pending.values() if p.spool is not None}
+        still_needed: set[str] = set()
+        for path in self.c.state_dir.glob(f"{STATE_PREFIX}*.json"):
+            try:
+                state = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if not state.get("done"):
+                still_needed.add(str(state.get("spool")))
+        for spool in used:
+            if spool.name not in still_needed:
+                spool.unlink(missing_ok=True)

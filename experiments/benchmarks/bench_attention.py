@@ -1,22 +1,56 @@
-"""DiT forward+backward time: full vs masked (row split) vs dense-mask attention, in one process.
+"""DiT forward+backward time: full vs masked vs the previous masked path vs dense mask, in one process.
 
     python experiments/benchmarks/bench_attention.py [--tokens-side 32] [--refs 3] [--dim 256] [--layers 2]
+        [--min-rounds 10] [--max-rounds 40] [--ci 0.02]
 
-Prints the median step time of each mode and its ratio to full attention. The masked
-path must stay within 5 % of full (the row split adds only the phrase rows' attention).
+Modes, interleaved round by round (experiments/benchmarks/spread.py):
+
+- ``full``: stock joint attention (the baseline);
+- ``masked``: the platform's masked attention (rows up to the last phrase row under their
+  masks, the rest with the stock kernel: two disjoint calls);
+- ``recompute``: the previous masked path, kept here as the reference of what changed:
+  stock attention for all rows, then the phrase rows again (gather, masked call, index_put);
+- ``dense``: one call with the dense ``[B, 1, L, L]`` mask.
+
+Prints median and IQR of the step time per mode and the per-round ratio to full with its
+IQR and the 95 % bootstrap interval of its median. The masked path must stay within 5 % of
+full (upper end of the interval <= 1.05).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers import QwenImageTransformer2DModel
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from cag.models.attention import install_cag_attention
+from cag.models.attention import CAGAttnProcessor, PhraseRowMask, install_cag_attention
 from cag.models.layout import PhraseBinding, TokenLayout, box_to_token_indices
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from spread import interleave  # noqa: E402
+
+
+class RecomputeRowsProcessor(CAGAttnProcessor):
+    """The masked path before 2026-11-30: every row with the stock kernel, then the phrase rows again."""
+
+    def attend(self, query, key, value, padding_mask, cag_mask: PhraseRowMask | None):  # type: ignore[override]
+        out = dispatch_attention_fn(query, key, value, attn_mask=padding_mask, dropout_p=0.0, is_causal=False)
+        if cag_mask is None or cag_mask.num_rows == 0:
+            return out
+        b, p = cag_mask.rows.shape
+        h, d = query.shape[2], query.shape[3]
+        q = query.gather(1, cag_mask.rows[:, :, None, None].expand(b, p, h, d))
+        rows_out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=cag_mask.allowed[:, None]
+        ).transpose(1, 2)
+        bi, pi = cag_mask.valid.nonzero(as_tuple=True)
+        return out.index_put((bi, cag_mask.rows[bi, pi]), rows_out[bi, pi].to(out.dtype))
 
 
 def build_layout(text_len: int, side: int, refs: int, phrases_per_ref: int, gen: torch.Generator) -> TokenLayout:
@@ -48,7 +82,10 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--phrases-per-ref", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--min-rounds", type=int, default=10, help="interleaved rounds at least")
+    ap.add_argument("--max-rounds", type=int, default=40, help="rounds at most, if the interval is still wide")
+    ap.add_argument("--ci", type=float, default=0.02, help="stop when every ratio's 95%% CI is within +-this")
+    ap.add_argument("--verbose", action="store_true", help="print every round")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     args = ap.parse_args()
     if args.threads:
@@ -72,8 +109,13 @@ def main() -> None:
           f"DiT {args.layers} blocks x {args.dim} wide, {args.heads} heads; torch threads {torch.get_num_threads()}")
 
     def step(mode: str) -> float:
-        install_cag_attention(model, dense=(mode == "dense"))
-        kwargs = {} if mode == "full" else {"cag_mask": mask}
+        if mode == "recompute":
+            model.set_attn_processor(RecomputeRowsProcessor())
+        else:
+            install_cag_attention(model, dense=(mode == "dense"))
+        # a fresh mask object per step, as training builds one per step (its row mask is derived once per step)
+        kwargs = {} if mode == "full" else {"cag_mask": PhraseRowMask(mask.rows, mask.valid, mask.allowed,
+                                                                      mask.key_padding)}
         model.zero_grad(set_to_none=True)
         start = time.perf_counter()
         out = model(hidden_states=hidden, encoder_hidden_states=text, encoder_hidden_states_mask=layout.text_mask,
@@ -81,20 +123,14 @@ def main() -> None:
         out.square().mean().backward()
         return time.perf_counter() - start
 
-    modes = ("full", "masked", "dense")
+    modes = ("full", "masked", "recompute", "dense")
     for m in modes:  # warm-up
         step(m)
-    times: dict[str, list[float]] = {m: [] for m in modes}
-    for _ in range(args.repeats):
-        for m in modes:  # interleaved so drift hits every mode alike
-            times[m].append(step(m))
-    base = statistics.median(times["full"])
-    print(f"{'mode':<8}{'median s/step':>15}{'ratio to full':>15}")
-    for m in modes:
-        med = statistics.median(times[m])
-        print(f"{m:<8}{med:>15.3f}{med / base:>15.3f}")
-    ratio = statistics.median(times["masked"]) / base
-    print(f"masked/full = {ratio:.3f} ({'OK' if ratio <= 1.05 else 'ABOVE'} the 1.05 budget)")
+    spread = interleave({m: (lambda m=m: step(m)) for m in modes}, "full", min_rounds=args.min_rounds,
+                        max_rounds=args.max_rounds, ci_halfwidth=args.ci, progress=print if args.verbose else None)
+    print(spread.table(unit="s/step", ratio_name="/full"))
+    lo, hi = spread.ratio_ci("masked")
+    print(f"masked/full 95% CI {lo:.3f}-{hi:.3f}: {'OK' if hi <= 1.05 else 'ABOVE'} the 1.05 budget")
 
 
 if __name__ == "__main__":

@@ -107,6 +107,34 @@ def test_row_split_equals_dense_mask_reference(refs_present):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+def test_every_row_is_attended_once_and_the_row_mask_is_built_once_for_all_layers(monkeypatch):
+    """No second pass over the phrase rows, no per-layer mask conversion (the masked path's overhead)."""
+    layout = _layout()
+    attn, img, txt, mask, freqs = _inputs(layout)
+    cag = layout.phrase_mask()
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    query_rows: list[int] = []
+
+    def counting_sdpa(*args, **kwargs):
+        query = args[0] if args else kwargs["query"]
+        query_rows.append(query.shape[-2])  # [B, H, rows, D]
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    builds = {"n": 0}
+    real_head = type(cag).head
+
+    def counting_head(self):
+        builds["n"] += self._head is None
+        return real_head(self)
+
+    monkeypatch.setattr(type(cag), "head", counting_head)
+    for _ in range(3):  # three layers share one mask object
+        CAGAttnProcessor()(attn, img, txt, encoder_hidden_states_mask=mask, image_rotary_emb=freqs, cag_mask=cag)
+    assert sum(query_rows) == 3 * layout.joint_len  # each row once per layer, phrase rows included
+    assert builds["n"] == 1
+
+
 def test_dropped_reference_latents_leave_phrase_rows_text_and_target_only():
     layout = _layout().without_references()
     m = layout.phrase_mask()

@@ -4,16 +4,23 @@ Every query row of a grounded phrase token may attend only to: the instruction t
 tokens, the target latent tokens, and the latent tokens of its reference that fall in its
 box. All other rows attend as in the stock model (padding excluded everywhere).
 
-Softmax rows are independent, so the exact masked result is: stock attention for all rows
-(fastest kernel, no per-row mask), then the few phrase rows recomputed with their own
-mask and written back. The ``[B, P, L]`` phrase mask is built once per step by
-:mod:`cag.models.layout` and reaches every layer through ``attention_kwargs``. The dense
-``[B, 1, L, L]`` form is kept as the test reference and the benchmark baseline.
+Softmax rows are independent, so the exact masked result is two disjoint attention calls
+over contiguous row ranges of the joint sequence: the rows up to the last phrase row (the
+text stream: phrase tokens are instruction tokens) under a per-row mask (phrase rows their
+eq. 9 mask, other rows the key-padding mask), and every later row (all image latents, the
+bulk of the sequence) with the stock kernel. Nothing is computed twice and nothing is
+gathered or scattered (a slice and a concatenation; earlier versions ran all rows and then
+the phrase rows again, and paid for the index_put in backward). The ``[B, P, L]`` phrase
+mask is built once per step by :mod:`cag.models.layout` and reaches every layer through
+``attention_kwargs``; the ``[B, 1, R, L]`` mask of the first call and the row count ``R``
+are derived from it once and reused by every layer (no per-layer mask conversion and no
+per-layer host sync on a GPU). The dense ``[B, 1, L, L]`` form is kept as the test
+reference and the benchmark baseline.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +45,30 @@ class PhraseRowMask:
     valid: torch.Tensor  # [B, P] bool
     allowed: torch.Tensor  # [B, P, L] bool
     key_padding: torch.Tensor  # [B, L] bool
+    _head: tuple[int, torch.Tensor | None] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def num_rows(self) -> int:
         return int(self.valid.sum())
+
+    def head(self) -> tuple[int, torch.Tensor | None]:
+        """``(R, mask)``: rows ``[0, R)`` hold every phrase row; ``mask`` is their ``[B, 1, R, L]`` key mask.
+
+        Computed on first use and kept: every layer of a step (every step of a sampling
+        run) shares this object, so the conversion and its host sync happen once. ``R`` is 0
+        (and ``mask`` None) when no row is a phrase row.
+        """
+        if self._head is None:
+            if not bool(self.valid.any()):
+                self._head = (0, None)
+            else:
+                r = int(self.rows[self.valid].max()) + 1
+                b, length = self.key_padding.shape
+                mask = self.key_padding[:, None, :].expand(b, r, length).clone()
+                bi, pi = self.valid.nonzero(as_tuple=True)
+                mask[bi, self.rows[bi, pi]] = self.allowed[bi, pi]
+                self._head = (r, mask[:, None])
+        return self._head
 
     def to(self, device: torch.device) -> PhraseRowMask:
         return PhraseRowMask(self.rows.to(device), self.valid.to(device), self.allowed.to(device), self.key_padding.to(device))
@@ -54,18 +81,12 @@ class PhraseRowMask:
         mask[bi, self.rows[bi, pi]] = self.allowed[bi, pi]
         return mask[:, None]
 
-    def apply(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Recompute the phrase rows of ``out`` (all tensors ``[B, L, H, D]``) under their masks."""
-        if self.num_rows == 0:
-            return out
-        b, p = self.rows.shape
-        h, d = query.shape[2], query.shape[3]
-        q = query.gather(1, self.rows[:, :, None, None].expand(b, p, h, d))
-        rows_out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=self.allowed[:, None]
+    def attend_head(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Attention output of rows ``[0, R)`` under their masks (tensors ``[B, L, H, D]``, output ``[B, R, H, D]``)."""
+        r, mask = self.head()
+        return F.scaled_dot_product_attention(
+            query[:, :r].transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask
         ).transpose(1, 2)
-        bi, pi = self.valid.nonzero(as_tuple=True)
-        return out.index_put((bi, self.rows[bi, pi]), rows_out[bi, pi].to(out.dtype))
 
 
 class CAGAttnProcessor:
@@ -151,7 +172,7 @@ class CAGAttnProcessor:
         padding_mask: torch.Tensor | None,
         cag_mask: PhraseRowMask | None,
     ) -> torch.Tensor:
-        """Attention output ``[B, L, H, D]``: stock kernel for every row, then the phrase rows under their masks.
+        """Attention output ``[B, L, H, D]``: masked rows ``[0, R)``, then the stock kernel for the rest.
 
         Subclasses (e.g. an attention-map recorder) override this to observe ``query``/``key``.
         """
@@ -159,8 +180,9 @@ class CAGAttnProcessor:
             return F.scaled_dot_product_attention(
                 query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=cag_mask.dense()
             ).transpose(1, 2)
+        r = cag_mask.head()[0] if cag_mask is not None else 0
         out = dispatch_attention_fn(
-            query,
+            query[:, r:] if r else query,
             key,
             value,
             attn_mask=padding_mask,
@@ -169,8 +191,8 @@ class CAGAttnProcessor:
             backend=self._attention_backend,
             parallel_config=self._parallel_config,
         )
-        if cag_mask is not None:
-            out = cag_mask.apply(query, key, value, out)
+        if r:
+            out = torch.cat([cag_mask.attend_head(query, key, value).to(out.dtype), out], dim=1)
         return out
 
 

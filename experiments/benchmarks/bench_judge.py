@@ -7,6 +7,10 @@ rerun served from the cache costs nothing.
 
     python experiments/benchmarks/bench_judge.py                 # 300 samples x PF/SC, 16 in flight
     python experiments/benchmarks/bench_judge.py --faults        # same with 10 % 429, 10 % 500, 10 % garbage
+
+The concurrency-1 baseline and the main run are repeated in interleaved rounds (each main
+run with a fresh cache), and calls/s of each and their per-round ratio are reported as
+median and IQR with the 95 % bootstrap interval of the ratio (experiments/benchmarks/spread.py).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from spread import interleave, quartiles  # noqa: E402
 
 from cag.remote.chat import ChatClient
 from cag.remote.testing import FaultInjector, OpenAICompatServer, Reply
@@ -100,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         help="exit 1 if the main run takes longer (default 15 s without --faults, no limit with)",
     )
     ap.add_argument("--json", action="store_true", help="also print the numbers as one JSON line")
+    ap.add_argument("--min-rounds", type=int, default=10)
+    ap.add_argument("--max-rounds", type=int, default=20)
+    ap.add_argument("--ci", type=float, default=0.02, help="stop when the ratio's 95%% CI is within +-this (relative)")
     args = ap.parse_args(argv)
     max_wall = args.max_wall if args.max_wall is not None else (float("inf") if args.faults else 15.0)
 
@@ -114,15 +124,32 @@ def main(argv: list[str] | None = None) -> int:
         retry_after_s=0.1 if args.faults else None,
         seed=0,
     )
+    runs: dict[str, list[dict[str, float]]] = {"baseline": [], "main": []}
     with OpenAICompatServer(responder) as server, tempfile.TemporaryDirectory() as tmp:
-        base = timed_run(
-            server, make_items(args.baseline_items, args.image_size, offset=10**6), 1, None, args.max_retries
-        )
+        base_items = make_items(args.baseline_items, args.image_size, offset=10**6)
         items = make_items(args.items, args.image_size)
-        main_run = timed_run(server, items, args.concurrency, Path(tmp), args.max_retries)
-        rerun = timed_run(server, items, args.concurrency, Path(tmp), args.max_retries)
 
-    speedup = main_run["calls_per_s"] / base["calls_per_s"]
+        def baseline() -> float:
+            runs["baseline"].append(timed_run(server, base_items, 1, None, args.max_retries))
+            return runs["baseline"][-1]["calls_per_s"]
+
+        def main_once() -> float:
+            cache = Path(tempfile.mkdtemp(dir=tmp))  # fresh cache: every round makes every call
+            runs["main"].append(timed_run(server, items, args.concurrency, cache, args.max_retries))
+            runs["main"][-1]["cache"] = str(cache)  # type: ignore[assignment]
+            return runs["main"][-1]["calls_per_s"]
+
+        spread = interleave({"baseline": baseline, "main": main_once}, "baseline", min_rounds=args.min_rounds,
+                            max_rounds=args.max_rounds, ci_halfwidth=args.ci)
+        rerun = timed_run(server, items, args.concurrency, Path(str(runs["main"][-1]["cache"])), args.max_retries)
+
+    # the round whose main run is the median one stands for the rest in the per-run lines below
+    order = sorted(range(len(runs["main"])), key=lambda i: runs["main"][i]["wall_s"])
+    mid = order[len(order) // 2]
+    base, main_run = runs["baseline"][mid], runs["main"][mid]
+    main_run.pop("cache", None)
+    q1, med_wall, q3 = quartiles([r["wall_s"] for r in runs["main"]])
+    speedup = quartiles(spread.ratios["main"])[1]
     serial_estimate = main_run["http_calls"] / base["calls_per_s"]
     print(
         f"server latency {args.latency * 1000:.0f} ms/call, images {args.image_size}px, "
@@ -139,17 +166,19 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['calls_per_criterion_per_sample']:.3f} calls per criterion per sample, "
             f"coverage PF {r['coverage_pf']:.0%} SC {r['coverage_sc']:.0%}"
         )
+    print(spread.table(unit="calls/s", ratio_name=f"speed-up c{args.concurrency}/c1"))
     print(
-        f"speed-up (calls/s, concurrency {args.concurrency} vs 1): {speedup:.1f}x; "
+        f"speed-up (calls/s, concurrency {args.concurrency} vs 1): {speedup:.1f}x median over {spread.rounds} rounds; "
         f"the main run one at a time would take ~{serial_estimate:.0f} s"
     )
-    ok = main_run["wall_s"] <= max_wall and rerun["http_calls"] == 0
+    ok = med_wall <= max_wall and rerun["http_calls"] == 0
     print(
-        f"main run {main_run['wall_s']:.2f} s <= {max_wall:g} s: {'yes' if main_run['wall_s'] <= max_wall else 'NO'}; "
-        f"cached rerun HTTP calls: {rerun['http_calls']}"
+        f"main run median {med_wall:.2f} s [IQR {q1:.2f}, {q3:.2f}] <= {max_wall:g} s: "
+        f"{'yes' if med_wall <= max_wall else 'NO'}; cached rerun HTTP calls: {rerun['http_calls']}"
     )
     if args.json:
-        print(json.dumps({"baseline": base, "main": main_run, "rerun": rerun, "speedup": speedup}))
+        print(json.dumps({"baseline": base, "main": main_run, "rerun": rerun, "speedup": speedup,
+                          "speedup_rounds": spread.ratios["main"], "main_wall_s": [r["wall_s"] for r in runs["main"]]}))
     return 0 if ok else 1
 
 

@@ -4,8 +4,9 @@ Why: on a shared 2-core machine a median of three gave masked/full = 0.85, 1.07 
 in three runs in a row; a single number says nothing about how far the next run lands.
 :func:`interleave` runs every mode once per round, in a rotating order (so no mode is
 always first after a pause), for at least ``min_rounds`` rounds and then until the 95 %
-bootstrap interval of every ratio to the baseline is within ``±ci_halfwidth`` (or
-``max_rounds`` is reached; the report then says the target was missed).
+bootstrap interval of every ratio to the baseline is within ``±ci_halfwidth`` of it,
+relative (±0.02 around a ratio near 1), or ``max_rounds`` is reached (the report then says
+the target was missed).
 
 The ratio of a round is taken within the round (mode time / baseline time measured
 seconds apart), so slow drifts of the machine's load cancel; its median over rounds is the
@@ -105,7 +106,9 @@ def interleave(
         if progress is not None:
             progress(f"round {r + 1}: " + ", ".join(f"{m} {got[m]:.4g}" for m in names))
         if r + 1 >= min_rounds:
-            widths = [(hi - lo) / 2 for lo, hi in (spread.ratio_ci(m) for m in spread.ratios)]
+            # relative half-width: ±0.02 around a ratio near 1, ±2 % of a 20x throughput ratio
+            widths = [(hi - lo) / 2 / abs(statistics.median(spread.ratios[m]))
+                      for m, (lo, hi) in ((m, spread.ratio_ci(m)) for m in spread.ratios)]
             if all(w <= ci_halfwidth for w in widths):
                 spread.target_met = True
                 break

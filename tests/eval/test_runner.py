@@ -128,6 +128,8 @@ def test_run_py_evaluates_newest_checkpoint_reports_skips_tracks_and_reruns_for_
     first = eval_runs.iloc[0]
     assert first["metrics.PF"] == 6.0 and first["params.judge/model"] == "Qwen/Qwen2.5-VL-7B-Instruct"
     assert first["tags.judge/model_reported"] == JUDGE_MODEL
+    # a Table 1 row like any other method's: labelled by the training run's name, source checkpoint
+    assert first["tags.method"] == client.get_run(train_run_id).info.run_name and first["tags.source"] == "checkpoint"
     assert "does not exist" in first["tags.skipped/DINO"]
     train_run = client.get_run(train_run_id)
     assert train_run.data.metrics["eval/PF"] == 6.0 and train_run.data.metrics["eval/SC"] == 8.0

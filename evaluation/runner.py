@@ -615,6 +615,8 @@ def run_judge(
     progress: bool = False,
 ) -> tuple[dict[str, Any], int, list[str]]:
     """PF / SC per sample -> (records by key, HTTP calls made, model names the API reported)."""
+    import openai
+
     from cag.remote.batch import BatchChatClient, BatchPendingError
     from cag.remote.chat import ChatClient
     from evaluation.judge import JudgeItem, judge_items, write_jsonl
@@ -652,6 +654,10 @@ def run_judge(
         )
     except BatchPendingError as exc:
         raise EvaluationError(str(exc)) from exc
+    except openai.APIStatusError as exc:
+        # only the batch path gets here (the online client records per-request failures): a rejected key or
+        # a lost batch endpoint while polling; the stored batch ids let a rerun pick up where this stopped
+        raise EvaluationError(f"judge batch mode stopped: HTTP {exc.status_code} from the files/batches API") from exc
     write_jsonl(records, out_path)
     reported = sorted({m for r in records for m in r.model_reported.values() if m})
     return {r.key: r for r in records}, client.calls_made, reported

@@ -195,7 +195,6 @@ class _Session(Generic[T]):
         self.pending: dict[str, _Pending] = {}
         self.settled: set[str] = set()
         self.seen_callers: set[str] = set()
-        self.to_spool: list[str] = []  # custom_ids waiting for a spool file
         self.active: dict[str, dict[str, Any]] = {}  # batch id -> state
         self.adopted = self._open_states()
         self.stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"

@@ -826,6 +826,16 @@ def write_comparison_html(
         cells = "".join(f"<td>{html.escape(fmt_ci(info['metrics'].get(m)))}</td>" for m in metrics)
         parts.append(f"<tr><td>{html.escape(label)}</td><td>{len(info['seeds'])}</td>{cells}</tr>")
     parts.append("</table>")
+    overall = [p for p in st.get("paired", []) if p["metric"] in ("Overall", "proxy_Overall")]
+    if overall:
+        parts.append("<table class='stats'><tr><th>paired difference</th><th>metric</th><th>Δ [95% CI]</th>"
+                     "<th>paper Δ</th><th>sign agrees</th></tr>")
+        for p in overall:
+            paper = MISSING if p["paper_delta"] is None else f"{p['paper_delta']:+.3f}"
+            agrees = MISSING if p["agrees"] is None else ("yes" if p["agrees"] else "NO")
+            parts.append(f"<tr><td>{html.escape(p['comparison'])}</td><td>{p['metric']}</td>"
+                         f"<td>{html.escape(fmt_ci(p['estimate']))}</td><td>{paper}</td><td>{agrees}</td></tr>")
+        parts.append("</table>")
     parts.append(f"<p class='note'>{html.escape(statistics_note(st, runs))} Images below: training seed "
                  f"{min((r.seed for r in runs), default=0)} of each configuration, same sampling noise per item.</p>")
     for key in chosen:
@@ -842,7 +852,7 @@ def write_comparison_html(
             s = r.samples.get(key, {})
             score = " ".join(f"{m.removeprefix('proxy_')} {fmt(s.get(m), 2)}" for m in PROXY_METRICS)
             judge = " ".join(f"{m} {fmt(s.get(m), 1)}" for m in JUDGE_METRICS if s.get(m) is not None)
-            caption = f"{label}\n{score}" + (f"\njudge {judge}" if judge else "")
+            caption = f"{label}\nproxy {score}" + (f"\njudge {judge}" if judge else "")
             parts.append(_figure(r.images.get(key), caption, side, "gen"))
         parts.append("</div></section>")
     if not chosen:

@@ -12,8 +12,8 @@ online calls, so both modes can be fed identical answers. Faults, drawn per line
 * ``p_malformed``: the output file gets a corrupt line instead of the answer;
 * a responder's HTTP error reply (429, 500, 400 policy) becomes an error-file line with that
   ``status_code``, as the real API reports failed requests;
-* ``batch_statuses``: the terminal status of the n-th batch created (e.g. ``expired``), with
-  whatever lines were processed before;
+* ``batch_statuses``: the terminal status of the n-th batch created (0-based, e.g. ``expired``);
+  such a batch returns results for the first half of its lines only;
 * ``p_poll_error``: a poll answers 500.
 """
 
@@ -220,9 +220,12 @@ class FakeBatchAPI(OpenAICompatServer):
     def _run(self, batch: _Batch) -> None:
         """Answer every line of the batch's input file, with the configured faults."""
         lines = self.files[batch.input_file_id][1].decode("utf-8").splitlines()
+        final = self.batch_statuses.get(batch.number, "completed")
+        # an expired / cancelled / failed batch got through the first half of its lines only
+        answered = lines if final == "completed" else lines[: len(lines) // 2]
         out: list[str] = []
         err: list[str] = []
-        for text in lines:
+        for text in answered:
             req = json.loads(text)
             with self._block:
                 line_no = self.batch_lines
@@ -297,7 +300,9 @@ class FakeBatchAPI(OpenAICompatServer):
                     }
                 )
             )
-        batch.status = self.batch_statuses.get(batch.number, "completed")
+        with self._block:
+            self.batch_lines += len(lines) - len(answered)  # sent, never answered
+        batch.status = final
         if out:
             batch.output_file_id = self._store_file("output.jsonl", ("\n".join(out) + "\n").encode())["id"]
         if err:

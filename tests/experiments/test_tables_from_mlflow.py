@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -304,3 +308,35 @@ def test_evaluation_is_skipped_only_when_the_same_settings_finished(tmp_path, sh
     other = common.eval_signature(_args(tmp_path, n_eval=300), "eval_noref", ["sampler.use_ref_latents=false"])
     assert not common.evaluation_done(uri, run, "eval_noref", other)
     assert not common.evaluation_done(uri, run, "eval", sig)  # Table 3's evaluation is not Table 2's
+
+
+def test_sigterm_to_the_sweep_reaches_the_training_process_so_it_can_save(tmp_path, monkeypatch, shared_store):
+    """``kill <script>`` must not orphan or hard-stop the training: it gets SIGTERM (and saves last.ckpt), then we stop."""
+    fake = tmp_path / "src" / "train.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(
+        "import signal, sys, time, pathlib\n"
+        "def save(*_):\n"
+        "    pathlib.Path(sys.argv[-1].split('=', 1)[1], 'saved').write_text('on SIGTERM')\n"
+        "    sys.exit(1)\n"
+        "signal.signal(signal.SIGTERM, save)\n"
+        "pathlib.Path(sys.argv[-1].split('=', 1)[1], 'started').write_text('')\n"
+        "time.sleep(60)\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setattr(common, "ROOT", tmp_path)
+    job = common.Job(table2.CONFIGS[0], 0, tmp_path / "sweep" / "baseline" / "seed0")
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 30
+        while not (job.run_dir / "started").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(common.Interrupted, match="resume"):
+        common.run_training_job(job, ["seed=0"], tracking_uri=shared_store[0], resume=False)
+    assert (job.run_dir / "saved").read_text() == "on SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) == before  # the script's own handling is restored
+    assert "seed=0" in job.log_path.read_text()

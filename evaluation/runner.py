@@ -498,9 +498,13 @@ def external_image_size(setting: Any, data_cfg: Mapping[str, Any]) -> int | None
         if data_cfg.get("source", "synthetic") == "synthetic":
             return int((data_cfg.get("synthetic") or {}).get("image_size", 128))
         return None
-    if isinstance(setting, bool) or int(setting) < 1:
+    try:
+        size = int(setting)
+    except (TypeError, ValueError):
+        size = 0
+    if isinstance(setting, bool) or size < 1:
         raise EvaluationError(f"image_size={setting!r} must be auto, native or a positive int")
-    return int(setting)
+    return size
 
 
 def collect_external_images(

@@ -221,8 +221,9 @@ def test_size_rule_auto_native_and_explicit(tmp_path):
     assert external_image_size("auto", SYN) == 128
     assert external_image_size("auto", {"source": "manifest"}) is None
     assert external_image_size("native", SYN) is None and external_image_size(64, SYN) == 64
-    with pytest.raises(EvaluationError, match="image_size"):
-        external_image_size(0, SYN)
+    for bad in (0, "big", True):
+        with pytest.raises(EvaluationError, match="image_size"):
+            external_image_size(bad, SYN)
     samples = load_benchmark(SYN, 2)
     folder = tmp_path / "m"
     folder.mkdir()

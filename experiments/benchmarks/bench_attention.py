@@ -15,6 +15,11 @@ Modes, interleaved round by round (experiments/benchmarks/spread.py):
 Prints median and IQR of the step time per mode and the per-round ratio to full with its
 IQR and the 95 % bootstrap interval of its median. The masked path must stay within 5 % of
 full (upper end of the interval <= 1.05).
+
+``--clock cpu --threads 1`` times the process's CPU seconds instead of wall seconds: on a
+machine shared with other jobs, time spent waiting for a core then does not count, and the
+spread shrinks to what the computation itself varies (with more than one thread, CPU time
+would also count the threads' spin-waiting, so use one).
 """
 
 from __future__ import annotations
@@ -86,10 +91,13 @@ def main() -> None:
     ap.add_argument("--max-rounds", type=int, default=40, help="rounds at most, if the interval is still wide")
     ap.add_argument("--ci", type=float, default=0.02, help="stop when every ratio's 95%% CI is within +-this")
     ap.add_argument("--verbose", action="store_true", help="print every round")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall seconds (default) or this process's CPU seconds (shared machine; use --threads 1)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     gen = torch.Generator().manual_seed(0)
     head_dim = args.dim // args.heads
@@ -106,7 +114,8 @@ def main() -> None:
     text = torch.randn(1, args.text, 64, generator=gen)
     t = torch.tensor([0.5])
     print(f"joint tokens: {layout.joint_len} (text {args.text}, image {n_img}); phrase rows: {mask.num_rows}; "
-          f"DiT {args.layers} blocks x {args.dim} wide, {args.heads} heads; torch threads {torch.get_num_threads()}")
+          f"DiT {args.layers} blocks x {args.dim} wide, {args.heads} heads; torch threads {torch.get_num_threads()}; "
+          f"{args.clock} clock")
 
     def step(mode: str) -> float:
         if mode == "recompute":
@@ -117,11 +126,11 @@ def main() -> None:
         kwargs = {} if mode == "full" else {"cag_mask": PhraseRowMask(mask.rows, mask.valid, mask.allowed,
                                                                       mask.key_padding)}
         model.zero_grad(set_to_none=True)
-        start = time.perf_counter()
+        start = clock()
         out = model(hidden_states=hidden, encoder_hidden_states=text, encoder_hidden_states_mask=layout.text_mask,
                     timestep=t, img_shapes=layout.img_shapes, attention_kwargs=kwargs, return_dict=False)[0]
         out.square().mean().backward()
-        return time.perf_counter() - start
+        return clock() - start
 
     modes = ("full", "masked", "recompute", "dense")
     for m in modes:  # warm-up

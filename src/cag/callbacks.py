@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from PIL import Image, ImageDraw
 
 from cag.data.datamodule import to_image
 from cag.generate import sample_batch
-from cag.sampling import SamplerConfig
+from cag.sampling import SamplerConfig, sampler_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +76,17 @@ class ValidationGrid(L.Callback):
     leaves the training random state untouched.
     """
 
-    def __init__(self, every_n_steps: int = 100, num_samples: int = 2, num_steps: int = 10, cfg_scale: float = 4.0,
-                 seed: int = 0, use_ref_latents: bool = True) -> None:
+    def __init__(self, every_n_steps: int = 100, num_samples: int = 2, num_steps: int = 10,
+                 cfg_scale: float | None = None, seed: int = 0, use_ref_latents: bool = True) -> None:
         if every_n_steps < 1 or num_samples < 1 or num_steps < 1:
             raise ValueError(
                 f"ValidationGrid needs every_n_steps, num_samples, num_steps >= 1, got {every_n_steps}, "
                 f"{num_samples}, {num_steps}"
             )
         self.every_n_steps, self.num_samples = int(every_n_steps), int(num_samples)
-        self.sampler = SamplerConfig(num_steps=int(num_steps), cfg_scale=float(cfg_scale),
-                                     use_ref_latents=bool(use_ref_latents))
+        # cfg_scale None: the model config's recommended scale (resolved when the first grid is drawn)
+        self._settings = {"num_steps": int(num_steps), "cfg_scale": cfg_scale, "use_ref_latents": bool(use_ref_latents)}
+        self.sampler: SamplerConfig | None = None
         self.seed = int(seed)
         self._batch: dict[str, Any] | None = None
         self.logged: list[str] = []  # artifact paths, for tests and for the run summary
@@ -114,6 +116,8 @@ class ValidationGrid(L.Callback):
             log.warning("ValidationGrid: no datamodule with a validation loader; nothing logged")
             return None
         model = pl_module.model
+        if self.sampler is None:
+            self.sampler = sampler_from_settings(self._settings, getattr(pl_module, "hparams", {}).get("model"))
         size = int(batch["ref_pixels"][0].shape[-1]) if batch["ref_pixels"] else int(batch["target_pixels"].shape[-1])
         was_training = model.training
         model.eval()
@@ -137,3 +141,36 @@ class ValidationGrid(L.Callback):
                 lg.experiment.log_image(lg.run_id, grid, artifact_file=name)
         self.logged.append(name)
         return grid
+
+
+class TimedCheckpoints(L.Callback):
+    """Weights at fixed wall-clock marks of training (``minute-0005.0.ckpt``), for learning-efficiency curves.
+
+    The clock starts when training starts (model building and start-up excluded) and
+    includes everything a run pays for afterwards: data, steps, validation, logging.
+    ``stop_after_last``: end the run at the last mark, so a budget is a budget.
+    """
+
+    def __init__(self, dirpath: str, minutes: list[float], stop_after_last: bool = False) -> None:
+        super().__init__()
+        if not minutes or any(m <= 0 for m in minutes):
+            raise ValueError(f"TimedCheckpoints needs positive minutes, got {minutes}")
+        self.dirpath = Path(dirpath)
+        self.marks = sorted(float(m) for m in minutes)
+        self.stop_after_last = stop_after_last
+        self._start = 0.0
+        self.saved: dict[float, int] = {}  # minute -> global step
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        elapsed = (time.perf_counter() - self._start) / 60.0
+        for m in self.marks:
+            if m not in self.saved and elapsed >= m:
+                path = self.dirpath / f"minute-{m:06.1f}.ckpt"
+                trainer.save_checkpoint(path, weights_only=True)
+                self.saved[m] = trainer.global_step
+                log.info("TimedCheckpoints: %.1f min at step %d -> %s", m, trainer.global_step, path)
+        if self.stop_after_last and len(self.saved) == len(self.marks):
+            trainer.should_stop = True

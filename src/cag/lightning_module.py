@@ -214,7 +214,7 @@ class CAGLightningModule(L.LightningModule):
         return self.trainer.strategy.root_device if self._trainer is not None else self.device
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.ema:
+        if getattr(self, "ema", None):  # getattr: also called on lightweight stand-ins of the module
             checkpoint["ema_state_dict"] = {TRAINABLE_PREFIX + n: t.clone() for n, t in self.ema.items()}
             checkpoint["ema_updates"] = self.ema_updates
         # the step's random draws (VAE/text dropout, timesteps, noise on the CPU and on the GPU)

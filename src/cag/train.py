@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if isinstance(lg, MLFlowLogger):  # experiment kind (runs table first) and what this run trains on
             log_training_run_metadata(lg.experiment, lg.experiment_id, lg.run_id, datamodule)
 
+    fit_start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    fit_seconds = time.perf_counter() - fit_start
 
     result: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result["global_step"] = trainer.global_step
@@ -107,7 +110,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             client = lg.experiment
             client.set_tag(lg.run_id, "checkpoint/last", result.get("last_ckpt", ""))
             client.set_tag(lg.run_id, "checkpoint/best", result.get("best_ckpt", ""))
-    log.info("finished at step %d; last checkpoint %s", trainer.global_step, result.get("last_ckpt"))
+    log.info("finished at step %d (training took %.1f s); last checkpoint %s", trainer.global_step, fit_seconds,
+             result.get("last_ckpt"))
     return result
 
 

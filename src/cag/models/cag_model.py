@@ -291,6 +291,27 @@ class CAGModel(nn.Module):
         return loss, info
 
 
+INITS = ("default", "adaln_zero")
+
+
+def adaln_zero_init(transformer: QwenImageTransformer2DModel) -> None:
+    """DiT's initialisation for a randomly built DiT: every block starts as the identity and the output as 0.
+
+    The modulation layers (scale, shift and gate of both streams) and the output projection
+    are zeroed, so a fresh model predicts 0 and each block's contribution grows from nothing.
+    diffusers leaves these at PyTorch's default init because the released model is loaded,
+    not trained from scratch; a tiny model trained for minutes converges much faster this way.
+    """
+    layers = [transformer.norm_out.linear, transformer.proj_out]
+    for block in transformer.transformer_blocks:
+        layers += [block.img_mod[1], block.txt_mod[1]]
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.zero_()
+            if layer.bias is not None:
+                layer.bias.zero_()
+
+
 def build_cag_model(cfg: Any, attention: str = "masked", ref_positions: str = "offset", seed: int = 0) -> CAGModel:
     """One builder for both sizes: ``cfg.source`` null -> random tiny instance, else ``from_pretrained``."""
     dtype = resolve_dtype(cfg.get("dtype", "float32"))
@@ -313,9 +334,14 @@ def build_cag_model(cfg: Any, attention: str = "masked", ref_positions: str = "o
         if width < tcfg.get("patch_size", 2) ** 2 * tcfg["out_channels"]:
             log.warning("DiT width %d < %d values predicted per token: the velocity it can express is rank-limited",
                         width, tcfg.get("patch_size", 2) ** 2 * tcfg["out_channels"])
+        init = cfg.get("init", "default")
+        if init not in INITS:
+            raise ValueError(f"model.init={init!r} is not one of {INITS}")
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             transformer = QwenImageTransformer2DModel(**tcfg)
+        if init == "adaln_zero":
+            adaln_zero_init(transformer)
         if dtype != torch.float32:
             transformer = transformer.to(dtype)
     if cfg.get("gradient_checkpointing", False):

@@ -41,6 +41,7 @@ def train(preset: str, minutes: list[float], run_dir: Path, log_path: Path) -> f
         "+callbacks.timed.stop_after_last=true",
     ]
     start = time.perf_counter()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as fh:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0:
@@ -54,6 +55,7 @@ def evaluate(ckpt: Path, out_dir: Path, n: int) -> dict[str, float]:
         "mlflow.enabled=false", "metrics.enabled=false", "evaluation.judge.enabled=false", "progress=false",
         f"output_dir={out_dir}", f"generations_root={out_dir / 'generations'}",
     ]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(out_dir.with_suffix(".log"), "w") as fh:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0:

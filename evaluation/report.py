@@ -7,7 +7,12 @@ as "—", never as 0, so a missing number cannot be mistaken for a bad one.
 
 The HTML page embeds every image as a base64 PNG thumbnail: one file that can be copied,
 attached as an MLflow artifact or mailed without its image folder and still shows
-everything. ``embed=False`` writes relative links instead, for very large runs.
+everything. ``embed=False`` writes relative links instead, for very large runs. The target
+(ground truth, when the data has one) sits next to the generated image at the same display
+size, upscaled without smoothing, so a 64 px sample can be judged pixel by pixel.
+
+:func:`write_sample_grid` draws a few samples as one PNG (references | target | generated)
+for the MLflow run, where a picture next to the numbers is seen without opening the page.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class SampleResult:
     generated: str | None = None
     references: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+    target: str | None = None  # ground-truth image, when the benchmark has one (the synthetic one always does)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -66,6 +72,7 @@ class SampleResult:
             "scores": {k: _finite_or_none(v) for k, v in self.scores.items()},
             "generated": self.generated,
             "references": list(self.references),
+            "target": self.target,
             "details": self.details,
         }
 
@@ -79,6 +86,7 @@ class SampleResult:
             generated=obj.get("generated"),
             references=list(obj.get("references", [])),
             details=dict(obj.get("details", {})),
+            target=obj.get("target"),
         )
 
 
@@ -296,21 +304,44 @@ def _thumbnail_data_uri(path: Path, max_side: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _img_tag(rel: str | None, root: Path, html_dir: Path, caption: str, embed: bool, max_side: int) -> str:
+def _img_tag(
+    rel: str | None,
+    root: Path,
+    html_dir: Path,
+    caption: str,
+    embed: bool,
+    max_side: int,
+    display: int,
+    css_class: str = "",
+) -> str:
+    """A captioned image in a ``display`` x ``display`` CSS box.
+
+    The box size is set on the element, not derived from the file, so the target and the
+    generated image line up at one size whatever their pixel sizes; ``object-fit`` keeps
+    the aspect ratio of non-square references.
+    """
     cap = html.escape(caption)
+    cls = f' class="{css_class}"' if css_class else ""
     if not rel:
-        return f'<figure class="missing"><figcaption>{cap}: none</figcaption></figure>'
-    src_path = Path(rel) if Path(rel).is_absolute() else root / rel
+        return f'<figure class="missing {css_class}"><figcaption>{cap}: none</figcaption></figure>'
+    src_path = _image_path(rel, root)
     if not src_path.is_file():
-        return f'<figure class="missing"><figcaption>{cap}: missing {html.escape(str(rel))}</figcaption></figure>'
+        return (
+            f'<figure class="missing {css_class}"><figcaption>{cap}: missing {html.escape(str(rel))}'
+            "</figcaption></figure>"
+        )
     if embed:
         src = _thumbnail_data_uri(src_path, max_side)
     else:
         src = Path(os.path.relpath(src_path.resolve(), html_dir.resolve())).as_posix()
     return (
-        f'<figure><img src="{html.escape(src, quote=True)}" alt="{cap}" style="max-width:{max_side}px;'
-        f'max-height:{max_side}px"><figcaption>{cap}</figcaption></figure>'
+        f'<figure{cls}><img src="{html.escape(src, quote=True)}" alt="{cap}" width="{display}" '
+        f'height="{display}"><figcaption>{cap}</figcaption></figure>'
     )
+
+
+def _image_path(rel: str, root: Path) -> Path:
+    return Path(rel) if Path(rel).is_absolute() else root / rel
 
 
 _CSS = """
@@ -319,8 +350,11 @@ table.summary{border-collapse:collapse;margin-bottom:1.5em}
 table.summary td,table.summary th{border:1px solid #bbb;padding:.25em .6em;text-align:right}
 table.summary td:first-child,table.summary th:first-child{text-align:left}
 section.sample{border-top:1px solid #ccc;padding:.8em 0}
-.images{display:flex;flex-wrap:wrap;gap:.6em;align-items:flex-end}
-figure{margin:0;text-align:center;font-size:.8em}
+.images{display:flex;flex-wrap:wrap;gap:.8em;align-items:flex-end}
+.images .sep{width:1px;align-self:stretch;background:#ccc;margin:0 .4em}
+figure{margin:0;text-align:center;font-size:.85em}
+figure img{display:block;object-fit:contain;image-rendering:pixelated;background:#eee}
+figure.target img{outline:3px solid #888}
 figure.gen img{outline:3px solid #2a7}
 figure.missing{color:#a33}
 .instruction{max-width:60em;white-space:pre-wrap}
@@ -335,13 +369,18 @@ def write_html(
     title: str = "CAG evaluation",
     summary: Sequence[RunSummary] = (),
     embed: bool = True,
-    thumb_size: int = 192,
+    thumb_size: int = 256,
+    display_size: int = 256,
 ) -> Path:
-    """One page: the summary table, then per sample its references, the generated image, the instruction and scores.
+    """One page: the summary table, then per sample its references, target, generated image, instruction and scores.
 
     Image paths in the results are relative to ``image_root`` (default: the page's
-    folder). Thumbnails are at most ``thumb_size`` pixels on their long side, which keeps
-    a 300-sample page to a few tens of megabytes.
+    folder). Embedded thumbnails are at most ``thumb_size`` pixels on their long side
+    (smaller images are embedded as they are), which keeps a 300-sample page of 128 px
+    images to a few megabytes. On screen the target and the generated image are both
+    ``display_size`` CSS pixels square and the references three quarters of that, so the
+    pair to compare is the same size and the largest; ``image-rendering: pixelated``
+    upscales small images without blurring away the details being judged.
     """
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -364,13 +403,13 @@ def write_html(
         parts.append(f'<section class="sample" id="{anchor}"><h2>{html.escape(r.key)}</h2>')
         parts.append(f"<p>task type: {html.escape(r.task_type)}</p>")
         parts.append('<div class="images">')
+        ref_display = max(1, display_size * 3 // 4)
         for k, ref in enumerate(r.references, start=1):
-            parts.append(_img_tag(ref, root, out.parent, f"Fig.{k}", embed, thumb_size))
-        parts.append(
-            _img_tag(r.generated, root, out.parent, "generated", embed, thumb_size).replace(
-                "<figure>", '<figure class="gen">', 1
-            )
-        )
+            parts.append(_img_tag(ref, root, out.parent, f"Fig.{k}", embed, thumb_size, ref_display, "ref"))
+        parts.append('<div class="sep"></div>')
+        if r.target:
+            parts.append(_img_tag(r.target, root, out.parent, "target", embed, thumb_size, display_size, "target"))
+        parts.append(_img_tag(r.generated, root, out.parent, "generated", embed, thumb_size, display_size, "gen"))
         parts.append("</div>")
         parts.append(f'<p class="instruction">{html.escape(r.instruction)}</p>')
         rows = "".join(
@@ -386,3 +425,60 @@ def write_html(
     parts.append("</body></html>")
     out.write_text("\n".join(parts), encoding="utf-8")
     return out
+
+
+# --------------------------------------------------------------------------- image grid
+
+GRID_SAMPLES = 6
+
+
+def write_sample_grid(
+    path: str | os.PathLike[str],
+    results: Sequence[SampleResult],
+    image_root: str | os.PathLike[str] | None = None,
+    num_samples: int = GRID_SAMPLES,
+    cell_size: int | None = None,
+) -> Path | None:
+    """``references | target | generated`` for the first ``num_samples`` samples that have a generated image, as one PNG.
+
+    Drawn by the training callbacks' :func:`cag.callbacks.grid_image`, so a validation grid
+    during training and the evaluation's grid read the same way. ``cell_size`` None uses
+    the generated images' own size (at most 256 px): the grid is for the MLflow run page,
+    where a small picture next to the numbers is the point. Returns None when no sample
+    has a readable generated image (nothing to draw).
+    """
+    from cag.callbacks import grid_image
+
+    root = Path(image_root) if image_root is not None else Path(path).parent
+    refs: list[list[Image.Image]] = []
+    targets: list[Image.Image | None] = []
+    generated: list[Image.Image] = []
+    for r in results:
+        if len(generated) >= num_samples:
+            break
+        gen = _open_or_none(r.generated, root)
+        if gen is None:
+            continue
+        refs.append([im for im in (_open_or_none(p, root) for p in r.references) if im is not None])
+        targets.append(_open_or_none(r.target, root))
+        generated.append(gen)
+    if not generated:
+        return None
+    size = cell_size or min(256, max(generated[0].size))
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # grid_image sizes its columns by the longest reference list; at least one column keeps the labels apart
+    if not any(refs):
+        refs[0] = [Image.new("RGB", (size, size), "white")]
+    grid_image(refs, targets, generated, size).save(out, format="PNG")
+    return out
+
+
+def _open_or_none(rel: str | None, root: Path) -> Image.Image | None:
+    if not rel:
+        return None
+    try:
+        with Image.open(_image_path(rel, root)) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError):  # missing or unreadable: left out of the grid, as the page marks it
+        return None

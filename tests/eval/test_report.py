@@ -9,6 +9,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -23,6 +24,7 @@ from evaluation.report import (
     summarise,
     write_html,
     write_results_jsonl,
+    write_sample_grid,
     write_summary_json,
     write_summary_tables,
 )
@@ -191,3 +193,53 @@ def test_summary_of_no_valid_values_is_missing_not_zero() -> None:
     s = summarise("empty", [SampleResult("k", "x", {"pf": None, "sc": None})])
     assert s.metrics["pf"] is None and s.metrics["overall"] is None
     assert f"| empty | {MISSING} |" in format_markdown_table([s])
+
+
+def _with_targets(tmp_path: Path) -> list[SampleResult]:
+    results = _results(tmp_path)
+    for i, r in enumerate(results):
+        r.target = save_image(Image.new("RGB", (64, 64), (250, 10 * i, 120)), tmp_path, f"{r.key}/target")
+    return results
+
+
+def test_target_round_trips_through_jsonl(tmp_path: Path) -> None:
+    results = _with_targets(tmp_path)
+    back = read_results_jsonl(write_results_jsonl(tmp_path / "samples.jsonl", results))
+    assert [r.target for r in back] == [r.target for r in results] and back[0].target is not None
+    assert read_results_jsonl(write_results_jsonl(tmp_path / "none.jsonl", _results(tmp_path)))[0].target is None
+
+
+def test_html_puts_the_target_next_to_the_generated_image_at_the_same_display_size(tmp_path: Path) -> None:
+    results = _with_targets(tmp_path)
+    text = write_html(tmp_path / "report.html", results, display_size=240).read_text(encoding="utf-8")
+    assert "image-rendering:pixelated" in text
+    section = text.split('<section class="sample"')[1]
+    figures = re.findall(r'<figure class="(\w+)"><img src="data:image/png;base64,([^"]+)" alt="[^"]*" '
+                         r'width="(\d+)" height="(\d+)"', section)
+    assert [f[0] for f in figures] == ["ref", "ref", "target", "gen"]
+    sizes = {cls: (int(w), int(h)) for cls, _, w, h in figures}
+    assert sizes["target"] == sizes["gen"] == (240, 240) and sizes["ref"] == (180, 180)
+    target = Image.open(io.BytesIO(base64.b64decode(figures[2][1]))).convert("RGB")
+    assert target.size == (64, 64) and target.getpixel((0, 0)) == (250, 0, 120)  # sample 0's own target, not resampled
+    # data without a target (a manifest without one): no empty target box
+    plain = write_html(tmp_path / "plain.html", _results(tmp_path)).read_text(encoding="utf-8")
+    assert 'class="target"' not in plain
+
+
+def test_sample_grid_is_the_training_grid_of_the_first_samples_with_an_image(tmp_path: Path) -> None:
+    from cag.callbacks import grid_image
+
+    results = _with_targets(tmp_path)
+    results[0].generated = None  # not generated: left out, the next samples fill the grid
+    path = write_sample_grid(tmp_path / "grid.png", results, num_samples=2)
+    assert path is not None
+    expected = grid_image(
+        [[Image.open(tmp_path / p).convert("RGB") for p in r.references] for r in results[1:]],
+        [Image.open(tmp_path / r.target).convert("RGB") for r in results[1:]],
+        [Image.open(tmp_path / r.generated).convert("RGB") for r in results[1:]],
+        64,
+    )
+    assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(expected))
+    for r in results:
+        r.generated = None
+    assert write_sample_grid(tmp_path / "none.png", results) is None

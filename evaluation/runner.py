@@ -46,6 +46,7 @@ from evaluation.report import (
     summarise,
     write_html,
     write_results_jsonl,
+    write_sample_grid,
     write_summary_json,
     write_summary_tables,
 )
@@ -556,6 +557,19 @@ def collect_external_images(
     return found
 
 
+def save_targets(samples: Sequence[Sample], directory: Path) -> dict[str, str]:
+    """Ground-truth images as PNG files next to the references, for the page and the grid; samples without one are left out."""
+    directory.mkdir(parents=True, exist_ok=True)
+    out: dict[str, str] = {}
+    for s in samples:
+        if s.target is not None:
+            p = directory / f"{s.key}-target.png"
+            if not p.is_file():
+                s.target.save(p)
+            out[s.key] = str(p)
+    return out
+
+
 def save_references(samples: Sequence[Sample], directory: Path) -> dict[str, list[str]]:
     """Reference images as PNG files (the judge sends files byte for byte; the HTML page shows them)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -812,6 +826,7 @@ def evaluate(cfg: DictConfig | Mapping[str, Any]) -> EvalOutcome:
         )
         generated = {s.key: str(gen.directory / f"{s.key}.png") for s in samples}
         references = save_references(samples, gen.directory / "references")
+    targets = save_targets(samples, (out_dir if target.external else gen.directory) / "references")
     # samples without a usable image are named and counted, never scored
     scorable = [s for s in samples if s.key in generated]
     skipped: dict[str, str] = {}
@@ -862,7 +877,8 @@ def evaluate(cfg: DictConfig | Mapping[str, Any]) -> EvalOutcome:
                 details["resized"] = s.key in external.resized
         if s.key not in generated:
             results.append(SampleResult(key=s.key, instruction=s.instruction, scores=scores, task_type=s.task_type,
-                                        generated=None, references=references[s.key], details=details))
+                                        generated=None, references=references[s.key], details=details,
+                                        target=targets.get(s.key)))
             continue
         rec = judge_records.get(s.key)
         if rec is not None:
@@ -882,6 +898,7 @@ def evaluate(cfg: DictConfig | Mapping[str, Any]) -> EvalOutcome:
                 generated=generated[s.key],
                 references=references[s.key],
                 details=details,
+                target=targets.get(s.key),
             )
         )
 
@@ -928,6 +945,9 @@ def evaluate(cfg: DictConfig | Mapping[str, Any]) -> EvalOutcome:
         summary=rows,
         embed=bool(c.get("html_embed", True)),
     )
+    grid = write_sample_grid(out_dir / "samples_grid.png", results, image_root=out_dir)
+    if grid is not None:
+        files["grid"] = grid
     if judge_ok:
         files["judge"] = out_dir / "judge.jsonl"
     outcome = EvalOutcome(
@@ -1008,6 +1028,8 @@ def log_to_mlflow(c: Mapping[str, Any], outcome: EvalOutcome, tracking_uri: str)
     """One run in the evaluation experiment, tagged with the training run; headline metrics also on that run."""
     from mlflow.entities import Metric, Param, RunTag
 
+    from cag.tracking import mark_model_training_experiment
+
     client = _mlflow_client(tracking_uri)
     ml = c.get("mlflow") or {}
     name = str(ml.get("experiment_name", "cag-eval"))
@@ -1015,6 +1037,7 @@ def log_to_mlflow(c: Mapping[str, Any], outcome: EvalOutcome, tracking_uri: str)
     exp_id = exp.experiment_id if exp is not None else client.create_experiment(
         name, artifact_location=ml.get("artifact_location") or None
     )
+    mark_model_training_experiment(client, exp_id)  # so mlflow ui opens the runs table, as for training
     target = outcome.target
     prefix = str(ml.get("metric_prefix", "eval"))
     tags = {
@@ -1058,7 +1081,7 @@ def log_to_mlflow(c: Mapping[str, Any], outcome: EvalOutcome, tracking_uri: str)
     params = [Param(k, v) for k, v in _eval_params(c, outcome).items()]
     client.log_batch(run_id, metrics=metrics, params=params, tags=[])
     if ml.get("log_artifacts", True):
-        for key in ("results", "summary_md", "summary_csv", "summary_json", "html", "judge"):
+        for key in ("results", "summary_md", "summary_csv", "summary_json", "html", "grid", "judge"):
             path = outcome.files.get(key)
             if path is not None and Path(path).is_file():
                 client.log_artifact(run_id, str(path))

@@ -6,9 +6,7 @@ import argparse
 import csv
 import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -20,6 +18,8 @@ import pytest
 import torch
 from mlflow.entities import Param
 from PIL import Image
+
+from tests.browser import chromium_or_skip, run_headless
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -180,13 +180,9 @@ def test_comparison_page_shows_references_target_and_every_configuration(table2_
 
 def test_comparison_page_renders_in_headless_chromium(table2_study, tmp_path):
     """A real browser decodes every embedded image (the page reports the count on load)."""
-    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if browser is None:
-        pytest.skip("chromium not installed (apt-get install -y chromium)")
+    chromium_or_skip()
     page = table2_study["files"]["table2.html"]
-    proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
-                           f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
-                          capture_output=True, text=True, timeout=120)
+    proc = run_headless(page, tmp_path / "profile", "--dump-dom")
     html = page.read_text(encoding="utf-8")
     expected = html.count("<img ")
     assert f'data-images-loaded="{expected}"' in proc.stdout, proc.stderr[-2000:]

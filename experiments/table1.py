@@ -43,18 +43,10 @@ for _p in (ROOT, ROOT / "src", ROOT / "experiments"):
 
 import stats  # noqa: E402  (experiments/stats.py: the bootstrap shared with the ablation tables)
 
+from evaluation.report import COLUMNS, MISSING  # noqa: E402  (the Table 1 columns, one definition)
+
 EVAL_EXPERIMENT = "cag-eval"
 SUMMARY_EXPERIMENT = "cag-experiments"
-MISSING = "—"
-# (key in results.jsonl scores, column title), the paper's Table 1 order
-COLUMNS: tuple[tuple[str, str], ...] = (
-    ("pf", "PF"),
-    ("sc", "SC"),
-    ("overall", "Overall"),
-    ("dino", "DINO"),
-    ("clip_i", "CLIP-I"),
-    ("clip_t", "CLIP-T"),
-)
 JUDGE_KEYS = ("pf", "sc", "overall")
 PROXY_KEYS = {"pf": "proxy_pf", "sc": "proxy_sc", "overall": "proxy_overall"}
 

@@ -1,6 +1,6 @@
 """Did training teach the model anything? Trained checkpoint vs the same model untrained, same seeds.
 
-    python experiments/learning_check.py [--ckpt PATH] [--n 32] [--num-steps 25] [--cfg-scale 4.0]
+    python experiments/learning_check.py [--ckpt PATH] [--n 32] [--num-steps N] [--cfg-scale S]  (default: the model config's sampler)
 
 Generates the synthetic test split twice, once with the checkpoint and once with the
 model it started from (same model config and build seed, so the frozen VLM is identical
@@ -29,7 +29,7 @@ from torchmetrics.functional import structural_similarity_index_measure
 from cag.data.datamodule import square
 from cag.data.synthetic import SyntheticConfig, generate_split
 from cag.generate import find_latest_checkpoint, generate_samples, load_model_for_inference, read_checkpoint
-from cag.sampling import SamplerConfig
+from cag.sampling import sampler_from_settings
 
 
 def _unit(image: Image.Image, size: int) -> torch.Tensor:
@@ -51,10 +51,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     hp = read_checkpoint(ckpt)["hyper_parameters"]
     split = list(generate_split("test", args.n, SyntheticConfig(image_size=args.source_size, num_characters=2, seed=0)))
     targets = {s.key: s.target for s in split}
-    sampler = SamplerConfig(num_steps=args.num_steps, cfg_scale=args.cfg_scale)
+    sampler = sampler_from_settings({"num_steps": args.num_steps, "cfg_scale": args.cfg_scale}, hp["model"])
     out = Path(args.out or f"outputs/learning_check/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
-    result: dict[str, Any] = {"checkpoint": str(ckpt.resolve()), "n": args.n, "num_steps": args.num_steps,
-                              "cfg_scale": args.cfg_scale, "seed": args.seed, "out_dir": str(out)}
+    result: dict[str, Any] = {"checkpoint": str(ckpt.resolve()), "n": args.n, "num_steps": sampler.num_steps,
+                              "cfg_scale": sampler.cfg_scale, "seed": args.seed, "out_dir": str(out)}
     for name, path in (("trained", ckpt), ("untrained", None)):
         # the untrained model: the checkpoint's own config, seed and attention, no weights loaded
         model, info = load_model_for_inference(path, None if path else hp["model"], attention=hp.get("attention"),
@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt", default=None, help="checkpoint (default: newest last.ckpt under outputs/train, multirun/train)")
     p.add_argument("--runs-dir", default=".", help="where outputs/ and multirun/ live, for the default checkpoint")
     p.add_argument("--n", type=int, default=32, help="number of synthetic test samples")
-    p.add_argument("--num-steps", type=int, default=25)
-    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--num-steps", type=int, default=None, help="default: the model config's (else the paper's 25)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="default: the model config's (else the paper's 4.0)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i, for both models")
     p.add_argument("--source-size", type=int, default=128, help="synthetic render size (resized to the model's)")

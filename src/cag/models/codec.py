@@ -202,28 +202,3 @@ def unpack(tokens: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
     x = tokens.view(b, grid_h, grid_w, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(b, c4 // 4, grid_h * 2, grid_w * 2)
 
-
-def fit_codec_from_config(cfg: Any) -> LinearPatchCodec:
-    """Read ``cfg.num_batches`` training batches through the data module, fit, report, and save to ``cfg.out``."""
-    import hydra
-    from hydra.utils import to_absolute_path
-    from safetensors.torch import save_file
-
-    dm = hydra.utils.instantiate(cfg.data)
-    dm.setup("fit")
-    images = []
-    for i, batch in enumerate(dm.train_dataloader()):
-        if i >= int(cfg.num_batches):
-            break
-        images.append(batch["target_pixels"])
-        images.extend(batch["ref_pixels"])
-    x = torch.cat(images)
-    codec = fit_linear_patch_codec(x, int(cfg.factor), int(cfg.channels))
-    with torch.no_grad():
-        err = (codec.decode(codec.encode(x)) - x).pow(2).mean().item()
-    out = Path(to_absolute_path(str(cfg.out)))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in codec.state().items()}, str(out))
-    print(f"fitted {codec.channels} components of {codec.factor}x{codec.factor} blocks on {len(x)} images; "
-          f"reconstruction MSE {err:.5f} (pixels in [-1, 1]); wrote {out}")
-    return codec

@@ -25,6 +25,7 @@ import hydra
 import torch
 from hydra import compose, initialize_config_dir
 
+from cag.callbacks import first_samples
 from cag.generate import sample_batch
 from cag.lightning_module import CAGLightningModule
 from cag.sampling import sampler_from_settings
@@ -96,10 +97,8 @@ class Preset:
                 self.model.training_loss(batch, **self.module.loss_cfg)
         val_s = time.perf_counter() - start
         grid_cfg = cfg.callbacks.validation_grid
-        batch = next(iter(val))
         n = int(grid_cfg.num_samples)
-        batch = {k: (v[:n] if isinstance(v, list | torch.Tensor) else v) for k, v in batch.items()}
-        batch["ref_pixels"] = [p[:n] for p in next(iter(val))["ref_pixels"]]
+        batch = first_samples(next(iter(val)), n)  # what ValidationGrid samples
         sampler = sampler_from_settings({"num_steps": grid_cfg.num_steps, "cfg_scale": grid_cfg.get("cfg_scale")},
                                         cfg.model)
         size = int(cfg.model.image_size)

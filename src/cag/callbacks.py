@@ -51,7 +51,7 @@ def grid_image(references: list[list[Image.Image]], targets: list[Image.Image | 
     return canvas
 
 
-def _first_samples(batch: dict[str, Any], n: int) -> dict[str, Any]:
+def first_samples(batch: dict[str, Any], n: int) -> dict[str, Any]:
     """The first ``n`` samples of a collated batch (lists and per-reference tensors sliced alike)."""
     out: dict[str, Any] = {}
     for k, v in batch.items():
@@ -97,7 +97,7 @@ class ValidationGrid(L.Callback):
             if dm is None:
                 return None
             for batch in dm.val_dataloader():  # first batch only; the loaders are deterministic single passes
-                self._batch = _first_samples(batch, self.num_samples)
+                self._batch = first_samples(batch, self.num_samples)
                 break
         return self._batch
 

@@ -38,6 +38,7 @@ from urllib.parse import urlparse
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from cag.checkpoints import CHECKPOINT_NAME, CHECKPOINT_ROOTS, last_checkpoints
 from cag.data.sample import Sample
 from evaluation.report import (
     RunSummary,
@@ -53,8 +54,6 @@ from evaluation.report import (
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "last.ckpt"
-CHECKPOINT_ROOTS = ("outputs/train", "multirun/train")
 GENERATIONS_FILE = "generations.jsonl"
 SETTINGS_FILE = "settings.json"
 UNTRAINED = "untrained"
@@ -192,11 +191,7 @@ def find_target(
             raise EvaluationError(f"checkpoint={checkpoint} does not exist (resolved to {path})")
         found_by = "explicit"
     else:
-        candidates: dict[Path, str] = {}
-        for root in roots:
-            for p in (base_path / root).rglob(CHECKPOINT_NAME):
-                if p.is_file():
-                    candidates[p.resolve()] = "filesystem"
+        candidates: dict[Path, str] = dict.fromkeys(last_checkpoints(base_path, roots), "filesystem")
         for run in runs:
             value = run.data.tags.get("checkpoint/last")
             if run.info.status == "FINISHED" and value:
@@ -357,7 +352,7 @@ def ensure_generations(
     The model is loaded only when something is missing, so re-scoring finished images
     (a new judge, a new metric) does not pay for loading a 20 B-parameter model.
     """
-    from cag.generate import read_checkpoint
+    from cag.checkpoints import read_checkpoint
     from cag.sampling import sampler_from_settings
 
     trained_cfg = read_checkpoint(target.checkpoint)["hyper_parameters"]["model"] if target.checkpoint else model_cfg

@@ -26,9 +26,10 @@ import torch
 from PIL import Image
 from torchmetrics.functional import structural_similarity_index_measure
 
+from cag.checkpoints import find_latest_checkpoint, read_checkpoint
 from cag.data.datamodule import square
 from cag.data.synthetic import SyntheticConfig, generate_split
-from cag.generate import find_latest_checkpoint, generate_samples, load_model_for_inference, read_checkpoint
+from cag.generate import generate_samples, load_model_for_inference
 from cag.sampling import sampler_from_settings
 
 

@@ -174,8 +174,9 @@ def test_checkpoint_that_needs_unpickling_code_is_refused(tmp_path):
 
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "payload": argparse.Namespace(cmd="rm -rf /")}, path)
-    with pytest.raises(ConfigError, match="not a loadable"):
+    with pytest.raises(ConfigError, match="not a readable") as err:
         train(_cfg(tmp_path, f"ckpt_path={path}"))
+    assert str(path) in str(err.value)
 
 
 def test_resume_checkpoint_is_checked_memory_mapped_not_loaded_a_second_time(tmp_path, monkeypatch):

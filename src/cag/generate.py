@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
-import re
 import time
-import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cag.checkpoints import find_latest_checkpoint, read_checkpoint
 from cag.data.datamodule import bucket_batches, collate, to_image
 from cag.data.sample import Sample
 from cag.lightning_module import TRAINABLE_PREFIX, CheckpointMismatchError, model_architecture
@@ -40,12 +38,6 @@ from cag.sampling import SamplerConfig, sample, sampler_from_settings
 log = logging.getLogger(__name__)
 
 GENERATIONS_FILE = "generations.jsonl"
-CHECKPOINT_NAME = "last.ckpt"
-CHECKPOINT_ROOTS = ("outputs/train", "multirun/train")
-
-
-class CheckpointLoadError(ValueError):
-    """A file that is not a usable CAG training checkpoint; the message names the file and the culprit."""
 
 
 # --------------------------------------------------------------------------- loading
@@ -55,45 +47,6 @@ def _as_dict(cfg: Any) -> dict[str, Any]:
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     return dict(cfg)
-
-
-def _is_last_checkpoint(path: Path) -> bool:
-    """``last.ckpt``, or ``last-vN.ckpt``: Lightning's name when two ModelCheckpoint callbacks both keep a last."""
-    return path.name == CHECKPOINT_NAME or re.fullmatch(r"last-v\d+\.ckpt", path.name) is not None
-
-
-def find_latest_checkpoint(base: str | Path = ".", roots: Iterable[str] = CHECKPOINT_ROOTS) -> Path:
-    """Newest (by modification time) ``last.ckpt`` / ``last-vN.ckpt`` under ``base/<root>``, for ``ckpt=latest``."""
-    base = Path(base)
-    found = [p for root in roots for p in (base / root).rglob("last*.ckpt") if p.is_file() and _is_last_checkpoint(p)]
-    if not found:
-        where = ", ".join(str(base / r) for r in roots)
-        raise FileNotFoundError(f"ckpt=latest: no {CHECKPOINT_NAME} under {where}; train first or pass ckpt=<path>")
-    return max(found, key=lambda p: p.stat().st_mtime)
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a Lightning checkpoint with ``weights_only=True`` and check the parts inference needs.
-
-    Only tensors and plain containers are accepted: a checkpoint is data, and a file that
-    needs arbitrary unpickling is refused rather than executed.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointLoadError(f"{path}: not a readable PyTorch checkpoint ({first})") from exc
-    if not isinstance(ckpt, dict):
-        raise CheckpointLoadError(f"{path}: expected a Lightning checkpoint (a dict), got {type(ckpt).__name__}")
-    for key in ("state_dict", "hyper_parameters"):
-        if not isinstance(ckpt.get(key), Mapping):
-            raise CheckpointLoadError(f"{path}: key {key!r} missing; not a checkpoint written by src/train.py")
-    if not isinstance(ckpt["hyper_parameters"].get("model"), Mapping):
-        raise CheckpointLoadError(f"{path}: key 'hyper_parameters.model' (the model config) missing")
-    return ckpt
 
 
 def _check_mode(name: str, value: str, allowed: tuple[str, ...]) -> str:

@@ -10,11 +10,11 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cag.checkpoints import CheckpointLoadError, read_checkpoint
 from cag.fault_tolerance import LastCheckpoint
 from cag.lightning_module import CAGLightningModule
 from cag.parallel import avoid_double_checkpointing
@@ -45,17 +45,13 @@ def check_resume_checkpoint(path: str | None) -> None:
     """
     if not path:
         return
-    p = Path(path)
-    if not p.exists():
+    if not Path(path).exists():
         raise ConfigError(f"ckpt_path={path} does not exist")
-    if p.is_file():
+    if Path(path).is_file():  # a folder is a sharded (distributed) checkpoint: Lightning's strategy reads it
         try:
-            ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:  # torch raises several types for truncated / foreign / pickled-code files
-            raise ConfigError(f"ckpt_path={path} is not a loadable Lightning checkpoint: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200]}") from exc
-        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-            raise ConfigError(f"ckpt_path={path} is not a Lightning checkpoint (no state_dict)")
+            read_checkpoint(path, need_model_config=False, mmap=True)
+        except CheckpointLoadError as exc:
+            raise ConfigError(f"ckpt_path={exc}") from exc
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import numpy as np
 import pytest
@@ -12,11 +11,10 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from cag.checkpoints import CheckpointLoadError
 from cag.data.datamodule import collate
 from cag.generate import (
     GENERATIONS_FILE,
-    CheckpointLoadError,
-    find_latest_checkpoint,
     generate_samples,
     load_model_for_inference,
     sample_batch,
@@ -164,24 +162,6 @@ def test_unreadable_or_code_carrying_checkpoints_are_refused_naming_the_file(tmp
         assert str(path) in str(err.value) and culprit in str(err.value)
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
         load_model_for_inference(tmp_path / "missing.ckpt")
-
-
-def test_latest_checkpoint_is_the_newest_last_ckpt_of_runs_and_sweeps(tmp_path):
-    old = tmp_path / "outputs/train/2026-01-01_00-00-00/checkpoints/last.ckpt"
-    new = tmp_path / "multirun/train/2026-01-02_00-00-00/1/checkpoints/last.ckpt"
-    newer = tmp_path / "outputs/train/2026-01-03_00-00-00/checkpoints/last-v1.ckpt"
-    best = tmp_path / "outputs/train/2026-01-04_00-00-00/checkpoints/best-step000010.ckpt"
-    for i, p in enumerate([old, new, best]):
-        p.parent.mkdir(parents=True)
-        p.write_bytes(b"x")
-        os.utime(p, (time.time() + i, time.time() + i))
-    assert find_latest_checkpoint(tmp_path) == new, "best-* checkpoints are not 'latest'"
-    newer.parent.mkdir(parents=True)
-    newer.write_bytes(b"x")
-    os.utime(newer, (time.time() + 5, time.time() + 5))
-    assert find_latest_checkpoint(tmp_path) == newer, "Lightning's last-v1.ckpt (two save_last callbacks) counts"
-    with pytest.raises(FileNotFoundError, match="outputs/train"):
-        find_latest_checkpoint(tmp_path / "empty")
 
 
 def test_manifest_naming_a_missing_image_is_refused_naming_it_and_the_line(tmp_path, mixed_samples):

@@ -11,7 +11,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from cag.generate import find_latest_checkpoint
+from cag.checkpoints import find_latest_checkpoint
 from cag.train import train
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,18 +17,24 @@ and target tokens).
 from __future__ import annotations
 
 import io
+import json
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import open_dict
 from PIL import Image
 
+from cag.data.datamodule import collate, to_image
 from cag.data.sample import BOX_SCALE, Sample
-from cag.models.attention import CAGAttnProcessor, PhraseRowMask
+from cag.generate import load_model_for_inference, resolve_checkpoint, samples_from_config
+from cag.models.attention import ATTENTION_MODES, CAGAttnProcessor, PhraseRowMask
 from cag.models.cag_model import CAGModel, Conditioning
+from cag.sampling import SamplerConfig, sample_batch
 
 MODE_TITLES = {"full": "Full Attn.", "masked": "Mask Attn."}
 
@@ -95,7 +101,7 @@ class _LayerRecorder(CAGAttnProcessor):
 
 
 class PhraseAttentionRecorder:
-    """Install on a model, pass :meth:`on_predict` to :func:`cag.generate.sample_batch`, read :meth:`result`.
+    """Install on a model, pass :meth:`on_predict` to :func:`cag.sampling.sample_batch`, read :meth:`result`.
 
     Only the conditional DiT passes are recorded (the unconditional pass has no phrase).
     Batches of one sample only: one phrase, one set of reference grids.
@@ -201,11 +207,6 @@ def record_phrase_attention(
     seed: int = 0,
 ) -> dict[str, tuple[PhraseAttention, Image.Image]]:
     """Sample ``sample`` once per attention mode (same seed) and record ``phrase``'s maps; the model's mode is restored."""
-    from cag.data.datamodule import collate, to_image
-    from cag.generate import sample_batch
-    from cag.models.attention import ATTENTION_MODES
-    from cag.sampling import SamplerConfig
-
     sampler = sampler or SamplerConfig()
     grounded = sorted({g.phrase for g in sample.groundings})
     if phrase not in grounded:
@@ -284,14 +285,6 @@ def render_attention_figure(
 
 def run_visualize_attention(cfg: Any, *, model_explicit: bool = False, ckpt_explicit: bool = False) -> dict[str, Any]:
     """``src/visualize_attention.py``: pick the sample and phrase, record both modes, write PNG + JSON."""
-    import json
-    from pathlib import Path
-
-    from omegaconf import open_dict
-
-    from cag.generate import load_model_for_inference, resolve_checkpoint, samples_from_config
-    from cag.sampling import SamplerConfig
-
     inp = cfg.input
     key, index = inp.get("key"), int(inp.get("index", 0))
     if inp.get("source", "synthetic") == "synthetic" and key is None and inp.get("n") is None:

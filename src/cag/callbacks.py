@@ -22,8 +22,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from PIL import Image, ImageDraw
 
 from cag.data.datamodule import to_image
-from cag.generate import sample_batch
-from cag.sampling import SamplerConfig, sampler_from_settings
+from cag.sampling import SamplerConfig, sample_batch, sampler_from_settings
 
 log = logging.getLogger(__name__)
 

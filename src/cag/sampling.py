@@ -32,6 +32,8 @@ class SamplerConfig:
 
 PAPER_SAMPLER = {"num_steps": 25, "cfg_scale": 4.0}  # Sec. 4.1
 
+PredictHook = Callable[[Conditioning, bool], None]
+
 
 def sampler_from_settings(settings: Mapping[str, Any], model_cfg: Mapping[str, Any] | None = None) -> SamplerConfig:
     """The one rule for sampler settings: an explicit value wins; an unset one (None) comes from the
@@ -75,7 +77,7 @@ def sample(
     generator: torch.Generator | None = None,
     progress: bool = False,
     noise: torch.Tensor | None = None,
-    on_predict: Callable[[Conditioning, bool], None] | None = None,
+    on_predict: PredictHook | None = None,
 ) -> torch.Tensor:
     """Generate a batch of images in [-1, 1], ``[B, 3, height, width]``.
 
@@ -123,3 +125,48 @@ def sample(
         latents = scheduler.step(v, t, latents, return_dict=False)[0]
     lat = unpack(latents.to(dtype), *grid)
     return model.codec.decode(lat).float()
+
+
+def initial_noise(seeds: list[int], num_tokens: int, channels: int) -> torch.Tensor:
+    """One noise tensor per seed, drawn on the CPU so the same seed gives the same image on any device."""
+    out = torch.empty(len(seeds), num_tokens, channels)
+    for i, s in enumerate(seeds):
+        out[i] = torch.randn(num_tokens, channels, generator=torch.Generator().manual_seed(int(s)))
+    return out
+
+
+@torch.no_grad()
+def sample_batch(
+    model: CAGModel,
+    batch: Mapping[str, Any],
+    seeds: list[int],
+    sampler: SamplerConfig,
+    height: int,
+    width: int,
+    *,
+    progress: bool = False,
+    on_predict: PredictHook | None = None,
+) -> torch.Tensor:
+    """Images in [-1, 1] ``[B, 3, height, width]`` for a collated batch, one seed per image.
+
+    Per-image noise makes an image depend on its seed and sample only, never on which
+    samples shared its batch or on the device, so one image can be regenerated alone.
+
+    Same loop as :func:`sample` (Euler steps of the model's flow-matching
+    scheduler, true CFG with a separate unconditional pass, rescaled to the conditional
+    norm). ``on_predict(cond, conditional)`` is called before every DiT pass, so observers
+    such as the attention-map recorder can tell the conditional pass from the
+    unconditional one.
+    """
+    bsz = len(batch["instructions"])
+    if len(seeds) != bsz:
+        raise ValueError(f"{len(seeds)} seeds for a batch of {bsz} samples")
+    px = model.codec.token_pixels
+    if height % px or width % px:
+        raise ValueError(f"image size {height}x{width} must be a multiple of {px} (one DiT token)")
+    device = next(model.transformer.parameters()).device
+    noise = initial_noise(seeds, (height // px) * (width // px), model.transformer.config.in_channels)
+    return sample(
+        model, list(batch["instructions"]), batch["vlm_references"], [p.to(device) for p in batch["ref_pixels"]],
+        batch["groundings"], height, width, sampler, progress=progress, noise=noise, on_predict=on_predict,
+    )

@@ -19,10 +19,10 @@ from cag.attention_maps import (
     run_visualize_attention,
 )
 from cag.data.datamodule import collate
-from cag.generate import load_model_for_inference, sample_batch
+from cag.generate import load_model_for_inference
 from cag.models.attention import CAGAttnProcessor
 from cag.models.layout import box_to_token_indices
-from cag.sampling import SamplerConfig
+from cag.sampling import SamplerConfig, sample_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLER = SamplerConfig(num_steps=2, cfg_scale=2.0)

@@ -20,8 +20,7 @@ import torch
 
 from cag.data.datamodule import collate
 from cag.data.synthetic import SyntheticConfig, generate_split
-from cag.generate import sample_batch
-from cag.sampling import SamplerConfig
+from cag.sampling import SamplerConfig, sample_batch
 
 pytestmark = pytest.mark.slow
 

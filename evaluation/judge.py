@@ -19,6 +19,7 @@ from typing import Any
 
 from PIL import Image
 
+from cag.remote.answers import iter_structures
 from cag.remote.batch import BatchChatClient
 from cag.remote.chat import ChatClient, ChatRequest, ChatResult, image_to_data_url
 from evaluation import prompts
@@ -93,29 +94,13 @@ class JudgeRecord:
 
 
 # --------------------------------------------------------------------------- parsing
-def _json_objects(text: str) -> list[dict[str, Any]]:
-    """Top-level JSON objects found anywhere in ``text``: models wrap the answer in code
-    fences or sentences even when told not to, and a scan from each '{' finds it in both."""
-    found: list[dict[str, Any]] = []
-    decoder = json.JSONDecoder()
-    stripped = text.strip()
-    try:
-        whole = json.loads(stripped)
-        if isinstance(whole, dict):
-            return [whole]
-    except ValueError:
-        pass
-    pos = text.find("{")
-    while pos != -1:
-        try:
-            obj, end = decoder.raw_decode(text, pos)
-        except ValueError:
-            pos = text.find("{", pos + 1)
-            continue
-        if isinstance(obj, dict):
-            found.append(obj)
-        pos = text.find("{", end)
-    return found
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    """The object itself, or the objects of a list: some models wrap a single answer in ``[...]``."""
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [d for v in value for d in _dicts(v)]
+    return []
 
 
 def _as_score(value: Any) -> float:
@@ -138,7 +123,7 @@ def _as_score(value: Any) -> float:
 def parse_score(text: str) -> JudgeAnswer:
     """Validator for the chat client: raises ValueError (so the call is retried) unless the
     answer holds exactly one score in [0, 10]; two different scores are ambiguous."""
-    candidates = [obj for obj in _json_objects(text) if "score" in obj]
+    candidates = [obj for value in iter_structures(text) for obj in _dicts(value) if "score" in obj]
     if not candidates:
         raise ValueError("no JSON object with a 'score' field")
     scores = {_as_score(obj["score"]) for obj in candidates}

@@ -144,6 +144,8 @@ def test_pf_and_sc_use_different_rubrics_and_scene_index() -> None:
         ('Looking at {the image}... {"reasoning": "x", "score": "8"}', 8.0),
         ('{"score": 0, "reasoning": "unrelated"}', 0.0),
         ('{"score": 10}', 10.0),
+        ("```json\n{'score': 5, 'reasoning': 'single quotes',}\n```", 5.0),  # read like grounding answers
+        ('[{"score": 2, "reasoning": "wrapped in a list"}]', 2.0),
     ],
 )
 def test_parse_score_accepts_wrapped_json(text: str, score: float) -> None:

@@ -1,81 +1,21 @@
 """Pull the list out of a VLM's free-text answer.
 
-Models asked for "a list" or "JSON" answer with a bare list, a ```json fenced block, a
-sentence around the list, Python literals with single quotes, or trailing commas. We
-accept all of those, and raise :class:`AnswerParseError` (a ``ValueError``) otherwise, so
-the chat client treats an unparsable answer like a transient failure and asks again.
+Whatever wrapping the answer has (fences, prose, Python literals, trailing commas) is
+undone by :func:`cag.remote.answers.iter_structures`; this module picks the value of the
+shape each stage asked for, and raises :class:`AnswerParseError` (a ``ValueError``)
+otherwise, so the chat client treats an unparsable answer like a transient failure and
+asks again.
 """
 
 from __future__ import annotations
 
-import ast
-import json
-import re
-from collections.abc import Iterator
 from typing import Any
 
-_FENCE = re.compile(r"```[A-Za-z0-9_+-]*[ \t]*\n?(.*?)```", re.DOTALL)
-_TRAILING_COMMA = re.compile(r",\s*([\]}])")
-_CLOSER = {"[": "]", "{": "}"}
-# Garbage answers (a random model, a runaway generation) can hold hundreds of brackets;
-# bounding the (start, end) pairs tried keeps a bad answer from costing seconds to reject.
-_MAX_ATTEMPTS = 4000
+from cag.remote.answers import iter_structures
 
 
 class AnswerParseError(ValueError):
     """The answer holds no list/object of the expected shape."""
-
-
-def _loads(snippet: str) -> Any:
-    for attempt in (snippet, _TRAILING_COMMA.sub(r"\1", snippet)):
-        try:
-            return json.loads(attempt)
-        except ValueError:
-            pass
-    try:
-        # Python literals: single quotes, trailing commas, True/None.
-        return ast.literal_eval(snippet)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return _FAILED
-
-
-_FAILED = object()
-
-
-def _regions(text: str) -> list[str]:
-    """Fenced blocks first (the model marked them as the answer), then the whole text."""
-    fenced = [m.group(1) for m in _FENCE.finditer(text)]
-    return [*fenced, text]
-
-
-def iter_structures(text: str) -> Iterator[Any]:
-    """Every outermost parsable ``[...]``/``{...}`` in reading order, fenced blocks first.
-
-    For each opening bracket the longest parsable span wins, and scanning resumes after
-    it, so a list of dicts is returned whole rather than as its inner bbox lists.
-    """
-    attempts = 0
-    for region in _regions(text):
-        opens = [i for i, c in enumerate(region) if c in _CLOSER]
-        i = 0
-        while i < len(opens):
-            start = opens[i]
-            closer = _CLOSER[region[start]]
-            ends = [j for j in range(len(region) - 1, start, -1) if region[j] == closer]
-            found = None
-            for end in ends:
-                attempts += 1
-                if attempts > _MAX_ATTEMPTS:
-                    return
-                value = _loads(region[start : end + 1])
-                if value is not _FAILED:
-                    found = (value, end)
-                    break
-            if found is None:
-                i += 1
-                continue
-            yield found[0]
-            i = next((k for k in range(i + 1, len(opens)) if opens[k] > found[1]), len(opens))
 
 
 def parse_phrase_list(text: str) -> list[Any]:

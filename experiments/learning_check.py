@@ -27,7 +27,7 @@ from PIL import Image
 from torchmetrics.functional import structural_similarity_index_measure
 
 from cag.checkpoints import find_latest_checkpoint, read_checkpoint
-from cag.data.datamodule import square
+from cag.data.batching import square
 from cag.data.synthetic import SyntheticConfig, generate_split
 from cag.generate import generate_samples, load_model_for_inference
 from cag.sampling import sampler_from_settings

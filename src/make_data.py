@@ -79,8 +79,9 @@ def _manifest(cfg: DictConfig) -> tuple[Iterator[Sample], int, list[dict[str, st
 
 def _with_cache(cfg: DictConfig, samples: Iterator[Sample]) -> Iterator[Sample]:
     """Precompute the frozen VLM's text stream and the codec latents into the shards (cag.data.cache)."""
-    from cag.data.cache import compute_cache
+    # imported here: the model layer loads diffusers and transformers (~4 s), which shards without a cache never need
     from cag.models.cag_model import build_cag_model
+    from cag.models.precompute import compute_cache
 
     model = build_cag_model(cfg.model, seed=int(cfg.cache_model_seed)).eval()
     return compute_cache(model, samples, int(cfg.model.image_size), int(cfg.model.vlm_image_size),

@@ -35,7 +35,7 @@ def synthetic_samples():
 
 @pytest.fixture
 def synthetic_batch(synthetic_samples):
-    from cag.data.datamodule import collate
+    from cag.data.batching import collate
 
     return collate(synthetic_samples[:2], image_size=64, vlm_image_size=64)
 

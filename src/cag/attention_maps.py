@@ -29,7 +29,7 @@ import torch
 from omegaconf import open_dict
 from PIL import Image
 
-from cag.data.datamodule import collate, to_image
+from cag.data.batching import collate, to_image
 from cag.data.sample import BOX_SCALE, Sample
 from cag.generate import load_model_for_inference, resolve_checkpoint, samples_from_config
 from cag.models.attention import ATTENTION_MODES, CAGAttnProcessor, PhraseRowMask

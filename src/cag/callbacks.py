@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.loggers import MLFlowLogger
 from PIL import Image, ImageDraw
 
-from cag.data.datamodule import to_image
+from cag.data.batching import to_image
 from cag.sampling import SamplerConfig, sample_batch, sampler_from_settings
 
 log = logging.getLogger(__name__)

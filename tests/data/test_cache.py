@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from cag.data.cache import compute_cache, matches_sample
-from cag.data.datamodule import collate
+from cag.data.batching import collate
+from cag.data.cache import matches_sample
 from cag.data.shards import iter_shard_samples, write_shards
 from cag.data.synthetic import SyntheticConfig, generate_split
+from cag.models.precompute import compute_cache
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from cag.data.cache import compute_cache
-from cag.data.datamodule import CAGDataModule, bucket_batches
+from cag.data.batching import bucket_batches
+from cag.data.datamodule import CAGDataModule
 from cag.data.shards import write_shards
 from cag.data.synthetic import SyntheticConfig, generate_split
+from cag.models.precompute import compute_cache
 from cag.train import train
 
 ROOT = Path(__file__).resolve().parents[2]

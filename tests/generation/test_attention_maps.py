@@ -18,7 +18,7 @@ from cag.attention_maps import (
     record_phrase_attention,
     run_visualize_attention,
 )
-from cag.data.datamodule import collate
+from cag.data.batching import collate
 from cag.generate import load_model_for_inference
 from cag.models.attention import CAGAttnProcessor
 from cag.models.layout import box_to_token_indices

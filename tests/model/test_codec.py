@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cag.data.datamodule import collate
+from cag.data.batching import collate
 from cag.models.codec import LinearPatchCodec, build_codec, fit_linear_patch_codec
 
 

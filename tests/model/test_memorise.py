@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from cag.data.datamodule import collate
+from cag.data.batching import collate
 from cag.data.synthetic import SyntheticConfig, generate_split
 from cag.sampling import SamplerConfig, sample_batch
 

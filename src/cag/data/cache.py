@@ -8,6 +8,8 @@ images and the same frozen models: its ``key`` hashes all three, and training ch
 before use (a stale cache falls back to online encoding with a warning).
 
 Stored as ``.npy`` members read with ``allow_pickle=False``; phrase positions in JSON.
+This module is the record format only; running the frozen models to fill it is
+:func:`cag.models.precompute.compute_cache`, in the model layer.
 """
 
 from __future__ import annotations
@@ -16,13 +18,12 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
+from cag.data.batching import square
 from cag.data.sample import Sample
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,6 @@ def _load(record: dict[str, Any], member: str) -> np.ndarray:
 
 def conditioning_key(sample: Sample, fingerprint: str, image_size: int, vlm_image_size: int) -> str:
     """Instruction **and** images **and** frozen models: a cache entry is reused only when all three match."""
-    from cag.data.datamodule import square
-
     h = hashlib.sha256()
     h.update(f"{fingerprint}|{image_size}|{vlm_image_size}|".encode())
     h.update(sample.instruction.encode())
@@ -110,35 +109,3 @@ def conditioning_key(sample: Sample, fingerprint: str, image_size: int, vlm_imag
         h.update(np.asarray(square(img, image_size)).tobytes())
         h.update(np.asarray(square(img, vlm_image_size)).tobytes())
     return h.hexdigest()[:32]
-
-
-@torch.no_grad()
-def compute_cache(model: Any, samples: Iterable[Sample], image_size: int, vlm_image_size: int,
-                  batch_size: int = 8) -> Iterator[Sample]:
-    """Attach :class:`CachedConditioning` to each sample (batched by reference count, like training)."""
-    from cag.data.datamodule import bucket_batches, collate
-    from cag.models.cag_model import NULL_INSTRUCTION
-
-    fingerprint = model.conditioning_fingerprint()
-    for group in bucket_batches(samples, batch_size, drop_last=False):
-        batch = collate(group, image_size, vlm_image_size)
-        phrases = [sorted({g.phrase for g in s.groundings}) for s in group]
-        enc = model.prompt_encoder.encode(batch["instructions"], batch["vlm_references"], phrases)
-        null = model.prompt_encoder.encode([NULL_INSTRUCTION] * len(group), batch["vlm_references"], None)
-        ref_lat = [model.encode_latents(p) for p in batch["ref_pixels"]]
-        tgt_lat = model.encode_latents(batch["target_pixels"]) if "target_pixels" in batch else None
-        for i, (s, (hid, pad), (hid0, pad0)) in enumerate(zip(group, enc.sequences(), null.sequences(), strict=True)):
-            s.conditioning = CachedConditioning(
-                key=conditioning_key(s, fingerprint, image_size, vlm_image_size),
-                fingerprint=fingerprint,
-                image_size=image_size,
-                vlm_image_size=vlm_image_size,
-                hidden=hid.float().cpu().numpy(),
-                image_pad=pad.cpu().numpy(),
-                phrase_positions=enc.phrase_positions[i],
-                hidden_null=hid0.float().cpu().numpy(),
-                image_pad_null=pad0.cpu().numpy(),
-                target_latent=tgt_lat[i].float().cpu().numpy() if tgt_lat is not None else None,
-                ref_latents=[lat[i].float().cpu().numpy() for lat in ref_lat],
-            )
-            yield s

@@ -1,0 +1,1 @@
+"""The model layer: conditioning, token layout, attention, positions, codec and the CAG model itself."""

@@ -1,6 +1,6 @@
 """MLLM judge for Prompt Following (PF) and Subject Consistency (SC), 0-10 each.
 
-One call per criterion and sample, as in the paper (Sec. 4.2) and DESIGN.md §8, online or
+One call per criterion and sample, as in the paper (Sec. 4.2) and docs/design.md, 'Judge metrics', online or
 through the Batch API (:class:`cag.remote.batch.BatchChatClient`, half the price) with the
 same prompts, validation and cache. Unlike the
 peers' scripts, a sample whose answer cannot be parsed after the retry budget is recorded
@@ -139,7 +139,7 @@ def parse_score(text: str) -> JudgeAnswer:
 # --------------------------------------------------------------------------- requests
 def build_messages(item: JudgeItem, criterion: str, urls: dict[str, Any] | None = None) -> list[dict]:
     """Chat messages for one criterion: rubric as system prompt; then the instruction, the
-    references as "Fig. k", and the generated image last, as DESIGN.md §8 fixes the order.
+    references as "Fig. k", and the generated image last, in the order docs/design.md, 'Judge metrics' fixes.
     ``urls`` lets both criteria share one encoding of each image."""
     if urls is None:
         urls = encode_images(item)

@@ -5,7 +5,7 @@ implemented as torchmetrics ``Metric`` classes whose only states are a running s
 count (``dist_reduce_fx="sum"``), so a multi-rank evaluation reduces to the exact mean
 over all samples, whatever the split of samples across ranks.
 
-Definitions (DESIGN.md Sec. 8):
+Definitions (docs/design.md, 'Embedding metrics'):
 
 * DINO: CLS token of ViT-S/16 DINO (``facebook/dino-vits16``), after Resize 256 bicubic,
   CenterCrop 224, ImageNet normalisation; cosine between the generated image and a

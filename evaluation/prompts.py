@@ -1,7 +1,7 @@
 """Judge prompts for Prompt Following (PF) and Subject Consistency (SC).
 
-The structure follows DESIGN.md §8 (shared header, then one rubric per criterion, one
-call per criterion); the wording is ours. Both rubrics ask for a single JSON object so
+The structure follows docs/design.md, 'Judge metrics' (shared header, then one rubric
+per criterion, one call per criterion); the wording is ours. Both rubrics ask for a single JSON object so
 that the answer can be checked mechanically and a non-answer retried instead of guessed.
 Changing any text here changes the cache key of every judge call, which is intended: a
 new prompt is a new measurement.

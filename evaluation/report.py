@@ -178,8 +178,8 @@ def summarise(
     """Means over samples, per task type first and then unweighted over task types (as OmniContext reports).
 
     Overall per sample is sqrt(PF * SC) when not given; the reported Overall is the mean
-    of those, not sqrt(mean PF * mean SC) (DESIGN Sec. 8: Table 1's 7.568 only fits the
-    former). Samples whose score is None (failed judge call) are left out of that
+    of those, not sqrt(mean PF * mean SC) (docs/design.md, 'Judge metrics': Table 1's
+    7.568 only fits the former). Samples whose score is None (failed judge call) are left out of that
     metric's mean and counted in ``coverage``; a metric in ``skipped`` is None.
     """
     skipped = dict(skipped or {})

@@ -1,4 +1,4 @@
-"""PF / SC / Overall aggregation rules (DESIGN.md §8)."""
+"""PF / SC / Overall aggregation rules (docs/design.md, 'Judge metrics')."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reference position offsets (Sec. 3.2) and phrase -> token spans (DESIGN.md §7)."""
+"""Reference position offsets (Sec. 3.2) and phrase -> token spans (docs/design.md, 'Groundings and phrase spans')."""
 
 from __future__ import annotations
 

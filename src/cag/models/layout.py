@@ -1,7 +1,7 @@
 """One object per batch that knows where every segment of the joint sequence lives.
 
 Joint attention runs over ``[text stream | target latents | ref 1 latents | ref 2 | ...]``
-(DESIGN.md §2). The text stream itself holds "Picture k:" tokens, the reference images'
+(docs/design.md, 'Token layout'). The text stream itself holds "Picture k:" tokens, the reference images'
 VLM tokens (image-pad positions), the instruction, and the assistant header. Offsets are
 computed here once and everything else (the phrase mask, RoPE shapes, slicing the
 prediction) asks this object instead of recomputing them.

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
-from cag.data.datamodule import square
+from cag.data.batching import square
 from cag.remote.testing import OpenAICompatServer, Reply
 from evaluation.runner import (
     EvaluationError,

@@ -7,8 +7,8 @@ Two choices here matter for anyone comparing images across runs:
   sample and the settings only, never on which samples shared its batch or on the
   device, so a single bad image can be regenerated alone. :func:`cag.sampling.sample`
   draws one noise tensor for the whole batch, which ties an image to its batch-mates;
-  :func:`sample_batch` is the same Euler + true-CFG loop with per-image noise (a test
-  keeps the two equal for a batch of one).
+  :func:`cag.sampling.sample_batch` is the same Euler + true-CFG loop with per-image noise
+  (a test keeps the two equal for a batch of one).
 * Every image's line in ``generations.jsonl`` carries all settings that produced it
   (sampler, attention, reference positions, sizes, checkpoint), so an evaluation or a
   figure never has to guess what it is looking at.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +27,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cag.checkpoints import find_latest_checkpoint, read_checkpoint
-from cag.data.datamodule import bucket_batches, collate, to_image
+from cag.data.batching import bucket_batches, collate, to_image
 from cag.data.sample import Sample
 from cag.lightning_module import TRAINABLE_PREFIX, CheckpointMismatchError, model_architecture
 from cag.models.attention import ATTENTION_MODES
-from cag.models.cag_model import CAGModel, Conditioning, build_cag_model
+from cag.models.cag_model import CAGModel, build_cag_model
 from cag.models.positions import REF_POSITION_MODES
-from cag.sampling import SamplerConfig, sample, sampler_from_settings
+from cag.sampling import SamplerConfig, sample_batch, sampler_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -144,53 +144,6 @@ def _load_transformer_weights(model: CAGModel, state: Mapping[str, Any], path: s
                 f"{path}: weight {name!r} has shape {shape}, the model expects {tuple(expected[name].shape)}"
             )
     model.transformer.load_state_dict(weights, strict=False)
-
-
-# --------------------------------------------------------------------------- sampling
-
-PredictHook = Callable[[Conditioning, bool], None]
-
-
-def initial_noise(seeds: list[int], num_tokens: int, channels: int) -> torch.Tensor:
-    """One noise tensor per seed, drawn on the CPU so the same seed gives the same image on any device."""
-    out = torch.empty(len(seeds), num_tokens, channels)
-    for i, s in enumerate(seeds):
-        out[i] = torch.randn(num_tokens, channels, generator=torch.Generator().manual_seed(int(s)))
-    return out
-
-
-@torch.no_grad()
-def sample_batch(
-    model: CAGModel,
-    batch: Mapping[str, Any],
-    seeds: list[int],
-    sampler: SamplerConfig,
-    height: int,
-    width: int,
-    *,
-    progress: bool = False,
-    on_predict: PredictHook | None = None,
-) -> torch.Tensor:
-    """Images in [-1, 1] ``[B, 3, height, width]`` for a collated batch, one seed per image.
-
-    Same loop as :func:`cag.sampling.sample` (Euler steps of the model's flow-matching
-    scheduler, true CFG with a separate unconditional pass, rescaled to the conditional
-    norm). ``on_predict(cond, conditional)`` is called before every DiT pass, so observers
-    such as the attention-map recorder can tell the conditional pass from the
-    unconditional one.
-    """
-    bsz = len(batch["instructions"])
-    if len(seeds) != bsz:
-        raise ValueError(f"{len(seeds)} seeds for a batch of {bsz} samples")
-    px = model.codec.token_pixels
-    if height % px or width % px:
-        raise ValueError(f"image size {height}x{width} must be a multiple of {px} (one DiT token)")
-    device = next(model.transformer.parameters()).device
-    noise = initial_noise(seeds, (height // px) * (width // px), model.transformer.config.in_channels)
-    return sample(
-        model, list(batch["instructions"]), batch["vlm_references"], [p.to(device) for p in batch["ref_pixels"]],
-        batch["groundings"], height, width, sampler, progress=progress, noise=noise, on_predict=on_predict,
-    )
 
 
 class _Numbered:

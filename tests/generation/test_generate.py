@@ -12,16 +12,15 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from cag.checkpoints import CheckpointLoadError
-from cag.data.datamodule import collate
+from cag.data.batching import collate
 from cag.generate import (
     GENERATIONS_FILE,
     generate_samples,
     load_model_for_inference,
-    sample_batch,
     samples_from_config,
 )
 from cag.lightning_module import CheckpointMismatchError
-from cag.sampling import SamplerConfig, sample
+from cag.sampling import SamplerConfig, sample, sample_batch
 
 FAST = SamplerConfig(num_steps=2, cfg_scale=4.0)
 COND_ONLY = SamplerConfig(num_steps=2, cfg_scale=1.0)

@@ -31,7 +31,7 @@ from typing import Any
 
 from PIL import Image
 
-from evaluation.aggregate import overall_per_sample
+from evaluation.aggregate import task_type_means
 
 # (key in scores, column title) in the order of the paper's Table 1
 COLUMNS: tuple[tuple[str, str], ...] = (
@@ -137,37 +137,6 @@ class RunSummary:
     coverage: dict[str, tuple[int, int]] = field(default_factory=dict)  # metric -> (valid, total)
     skipped: dict[str, str] = field(default_factory=dict)  # metric -> why it was not computed
 
-    @classmethod
-    def from_aggregate(
-        cls,
-        method: str,
-        judge_summary: Mapping[str, Any] | None,
-        embedding: Mapping[str, float | None] | None = None,
-        skipped: Mapping[str, str] | None = None,
-    ) -> RunSummary:
-        """A table row from ``evaluation.aggregate.summarize`` (judge PF / SC / Overall) plus metric values.
-
-        ``embedding`` holds computed DINO / CLIP-I / CLIP-T means keyed ``dino``,
-        ``clip_i``, ``clip_t``; anything in ``skipped`` or absent renders as "—".
-        """
-        metrics: dict[str, float | None] = {k: None for k, _ in COLUMNS}
-        coverage: dict[str, tuple[int, int]] = {}
-        if judge_summary is not None:
-            n = int(judge_summary.get("n", 0))
-            scored = (judge_summary.get("pooled") or {}).get("scored", {})
-            for key, name in (("pf", "PF"), ("sc", "SC"), ("overall", "Overall")):
-                metrics[key] = _finite_or_none(judge_summary.get(name))
-                if name in scored:
-                    coverage[key] = (int(scored[name]), n)
-        for key, value in (embedding or {}).items():
-            if key not in metrics:
-                raise ValueError(f"unknown metric {key!r}; expected one of {[k for k, _ in COLUMNS]}")
-            metrics[key] = _finite_or_none(value)
-        skipped = dict(skipped or {})
-        for key in skipped:
-            metrics[key] = None
-        return cls(method=method, metrics=metrics, coverage=coverage, skipped=skipped)
-
 
 def summarise(
     method: str,
@@ -175,34 +144,21 @@ def summarise(
     skipped: Mapping[str, str] | None = None,
     by_task_type: bool = True,
 ) -> RunSummary:
-    """Means over samples, per task type first and then unweighted over task types (as OmniContext reports).
+    """A run's table row: :func:`evaluation.aggregate.task_type_means` of its samples' scores.
 
-    Overall per sample is sqrt(PF * SC) when not given; the reported Overall is the mean
-    of those, not sqrt(mean PF * mean SC) (docs/design.md, 'Judge metrics': Table 1's
-    7.568 only fits the former). Samples whose score is None (failed judge call) are left out of that
-    metric's mean and counted in ``coverage``; a metric in ``skipped`` is None.
+    It is the rule of :func:`evaluation.aggregate.summarize` too, so a row and the judge
+    summary of the same scores agree: Overall per sample, means per task type, then
+    unweighted over task types (one group when ``by_task_type`` is False). ``coverage``
+    counts the samples behind each number; a metric in ``skipped`` is None.
     """
     skipped = dict(skipped or {})
-    per_metric: dict[str, dict[str, list[float]]] = {k: {} for k, _ in COLUMNS}
-    for r in results:
-        scores = dict(r.scores)
-        if scores.get("overall") is None and scores.get("pf") is not None and scores.get("sc") is not None:
-            scores["overall"] = overall_per_sample(float(scores["pf"]), float(scores["sc"]))
-        group = r.task_type if by_task_type else "all"
-        for key, _ in COLUMNS:
-            v = _finite_or_none(scores.get(key))
-            bucket = per_metric[key].setdefault(group, [])
-            if v is not None:
-                bucket.append(v)
-    metrics: dict[str, float | None] = {}
-    coverage: dict[str, tuple[int, int]] = {}
-    for key, _ in COLUMNS:
-        groups = {g: vals for g, vals in per_metric[key].items() if vals}
-        coverage[key] = (sum(len(v) for v in groups.values()), len(results))
-        if key in skipped or not groups:
-            metrics[key] = None
-        else:
-            metrics[key] = sum(sum(v) / len(v) for v in groups.values()) / len(groups)
+    means = task_type_means(
+        [(r.task_type if by_task_type else "all", r.scores) for r in results],
+        [k for k, _ in COLUMNS],
+        overall=("pf", "sc", "overall"),
+    )
+    metrics = {k: None if k in skipped else m["mean"] for k, m in means.items()}
+    coverage = {k: (m["scored"], len(results)) for k, m in means.items()}
     return RunSummary(method=method, metrics=metrics, coverage=coverage, skipped=skipped)
 
 

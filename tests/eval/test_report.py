@@ -171,22 +171,23 @@ def test_html_marks_a_missing_image_instead_of_failing(tmp_path: Path) -> None:
     assert "missing nowhere/gone.png" in text
 
 
-def test_row_from_judge_aggregate_and_embedding_metrics() -> None:
+def test_report_row_and_judge_summary_of_the_same_records_agree() -> None:
     from evaluation.aggregate import summarize
+    from evaluation.judge import JudgeRecord
 
     records = [
-        {"task_type": "a", "pf": 8.0, "sc": 2.0, "status": {"PF": "ok", "SC": "ok"}},
-        {"task_type": "a", "pf": None, "sc": 5.0, "status": {"PF": "failed", "SC": "ok"}},
+        JudgeRecord("k0", "a", pf=8.0, sc=2.0, status={"PF": "ok", "SC": "ok"}),
+        JudgeRecord("k1", "a", pf=None, sc=5.0, status={"PF": "failed", "SC": "ok"}),
+        JudgeRecord("k2", "b", pf=6.0, sc=6.0, status={"PF": "ok", "SC": "ok"}),
     ]
-    row = RunSummary.from_aggregate(
-        "judged", summarize(records), {"dino": 0.5123, "clip_t": 0.31}, skipped={"clip_i": "no weights"}
-    )
-    assert row.metrics["pf"] == pytest.approx(8.0) and row.metrics["overall"] == pytest.approx(4.0)
-    assert row.coverage["pf"] == (1, 2)
+    results = [SampleResult(r.key, "x", {**r.scores(), "dino": 0.5123}, r.task_type) for r in records]
+    row = summarise("judged", results, skipped={"clip_i": "no weights"})
+    judged = summarize(records)
+    assert [row.metrics[k] for k in ("pf", "sc", "overall")] == pytest.approx([judged[m] for m in ("PF", "SC", "Overall")])
+    assert row.coverage["pf"] == (2, 3) and row.coverage["overall"] == (2, 3)
     parsed = parse_markdown_table(format_markdown_table([row]))["judged"]
-    assert parsed == {"pf": 8.0, "sc": 3.5, "overall": 4.0, "dino": 0.512, "clip_i": None, "clip_t": 0.31}
-    with pytest.raises(ValueError, match="fid"):
-        RunSummary.from_aggregate("x", None, {"fid": 1.0})
+    # per task type first: PF (8 | 6), SC (3.5 | 6), Overall (sqrt(8 * 2) | 6)
+    assert parsed == {"pf": 7.0, "sc": 4.75, "overall": 5.0, "dino": 0.512, "clip_i": None, "clip_t": None}
 
 
 def test_summary_of_no_valid_values_is_missing_not_zero() -> None:

@@ -2,7 +2,8 @@
 
 The paper scores Prompt Following and Subject Consistency with GPT-4.1 (Sec. 4.2). On
 our machines no judge may be reachable, but the synthetic generator knows the truth
-(``Sample.truth``: where every subject and prop must stand and which colours it wears),
+(``Sample.truth``, a :class:`cag.data.truth.Truth`: where every subject and prop must stand
+and which colours it wears),
 so two colour-based proxies on the same 0-10 scale let a run be compared with another
 without a judge. They are proxies: they see colours and places, not faces or poses, and
 they are meant for the synthetic data only.
@@ -28,14 +29,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from cag.data.sample import BOX_SCALE
+from cag.data.truth import Truth, TruthError
 from evaluation.aggregate import overall_per_sample
 
-BOX_SCALE = 1000.0
 MATCH_DISTANCE = 40.0  # RGB euclidean distance under which a pixel "has" a colour
 MERGE_DISTANCE = 30.0  # truth colours closer than this are one colour (shared by their owners)
 PRESENCE_SHARE = 0.02  # a colour filling 2% of its box counts as fully present
@@ -45,10 +46,6 @@ DOMINANT_SHARE = 0.02  # a reference colour below this share of the foreground i
 BACKDROP_SHARE = 0.15  # a scene colour covering this much of the scene is backdrop (sky, ground), not a prop
 BAND_FRACTION = 0.04  # ring around a reference box, as a fraction of the image, that defines its background
 FLAT_DISTANCE = 12.0  # neighbours closer than this belong to one painted region
-
-
-class TruthError(ValueError):
-    """A truth dict that does not have the shape the synthetic generator writes."""
 
 
 # --------------------------------------------------------------------------- geometry and colour helpers
@@ -161,17 +158,11 @@ def dominant_colours(pixels: np.ndarray, min_share: float = DOMINANT_SHARE) -> t
     return np.asarray(anchors, np.float32)[keep], shares[keep].astype(np.float32)
 
 
-def _colour(value: Any, what: str) -> np.ndarray:
-    try:
-        arr = np.asarray([float(v) for v in value], dtype=np.float32)
-    except (TypeError, ValueError) as exc:
-        raise TruthError(f"{what}: colour {value!r} is not 3 numbers") from exc
-    if arr.shape != (3,):
-        raise TruthError(f"{what}: colour {value!r} is not 3 numbers")
-    return arr
+def _colour(value: Sequence[float]) -> np.ndarray:
+    return np.asarray([float(v) for v in value], dtype=np.float32)
 
 
-# --------------------------------------------------------------------------- truth parsing
+# --------------------------------------------------------------------------- truth as entities
 
 
 @dataclass
@@ -186,51 +177,25 @@ class _Entity:
     image_id: int
 
 
-def _entities(truth: dict[str, Any]) -> tuple[list[_Entity], list[np.ndarray], dict[str, Any]]:
-    try:
-        subjects = truth["subjects"]
-        scene = truth.get("scene") or {}
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise TruthError(f"truth has no 'subjects' list: {exc}") from exc
-    out: list[_Entity] = []
-    for s in subjects:
-        try:
-            colours = [_colour(v, f"subject {s['name']!r} {k}") for k, v in s["colors"].items()]
-            out.append(
-                _Entity(
-                    s["name"],
-                    "subject",
-                    colours,
-                    list(s["target_bbox_2d"]),
-                    list(s["reference_bbox_2d"]),
-                    int(s["image_id"]),
-                )
-            )
-        except (KeyError, TypeError) as exc:
-            raise TruthError(f"malformed subject {s!r}: missing {exc}") from exc
-    scene_id = int(scene.get("image_id", 0) or 0)
-    for p in scene.get("props", []) or []:
-        try:
-            out.append(
-                _Entity(
-                    p["name"],
-                    "prop",
-                    [_colour(p["color"], f"prop {p['name']!r}")],
-                    list(p["target_bbox_2d"]),
-                    list(p["reference_bbox_2d"]),
-                    scene_id,
-                )
-            )
-        except (KeyError, TypeError) as exc:
-            raise TruthError(f"malformed prop {p!r}: missing {exc}") from exc
-    scene_colours = [_colour(v, f"scene {k}") for k, v in (scene.get("colors") or {}).items()]
-    return out, scene_colours, scene
+def _entities(truth: Truth) -> tuple[list[_Entity], list[np.ndarray]]:
+    out = [
+        _Entity(s.name, "subject", [_colour(v) for v in s.colors.values()],
+                list(s.target_bbox_2d), list(s.reference_bbox_2d), s.image_id)
+        for s in truth.subjects
+    ]
+    scene = truth.scene
+    out += [
+        _Entity(p.name, "prop", [_colour(p.color)], list(p.target_bbox_2d),
+                list(p.reference_bbox_2d), scene.image_id)
+        for p in scene.props
+    ]
+    return out, [_colour(v) for v in scene.colors.values()]
 
 
 # --------------------------------------------------------------------------- prompt following
 
 
-def prompt_following_details(generated: Image.Image, truth: dict[str, Any]) -> dict[str, float]:
+def prompt_following_details(generated: Image.Image, truth: Truth) -> dict[str, float]:
     """Per-entity PF in [0, 1] (subjects and props by name); the proxy is their mean x 10.
 
     Per colour of an entity: presence = share of the entity's box carrying that colour,
@@ -240,7 +205,7 @@ def prompt_following_details(generated: Image.Image, truth: dict[str, Any]) -> d
     equal to the sky or ground cannot be placed and are ignored; near-black colours
     count by presence only because every figure has dark eyes and shoes.
     """
-    entities, scene_colours, _ = _entities(truth)
+    entities, scene_colours = _entities(truth)
     if not entities:
         raise TruthError("truth names no subject and no prop to place")
     img = _rgb_array(generated)
@@ -312,7 +277,7 @@ def prompt_following_details(generated: Image.Image, truth: dict[str, Any]) -> d
     return results
 
 
-def prompt_following_proxy(generated: Image.Image, truth: dict[str, Any]) -> float:
+def prompt_following_proxy(generated: Image.Image, truth: Truth) -> float:
     """0-10: is each subject and prop where the instruction puts it (colour placement, no judge)."""
     return 10.0 * float(np.mean(list(prompt_following_details(generated, truth).values())))
 
@@ -397,7 +362,7 @@ def _subject_match(
 
 
 def subject_consistency_details(
-    generated: Image.Image, references: Sequence[Image.Image], truth: dict[str, Any]
+    generated: Image.Image, references: Sequence[Image.Image], truth: Truth
 ) -> dict[str, float]:
     """Per-subject SC in [0, 1] by name, plus ``"scene"`` when the truth has one; the proxy is their mean x 10.
 
@@ -416,11 +381,11 @@ def subject_consistency_details(
     outside the subjects' target boxes (the synthetic scene reference shares the target's
     frame, so the same region is compared), times the share of flat pixels there.
     """
-    entities, _, scene = _entities(truth)
+    entities, _ = _entities(truth)
     img = _rgb_array(generated)
     h, w = img.shape[:2]
     flat = _flat_mask(img)
-    scene_id = int(scene.get("image_id", 0) or 0)
+    scene_id = truth.scene.image_id
     subjects = [e for e in entities if e.kind == "subject"]
     scene_ref = _reference(references, scene_id, "scene") if scene_id else None
     scene_anchors, scene_shares = (
@@ -474,7 +439,7 @@ def subject_consistency_details(
 
 
 def subject_consistency_proxy(
-    generated: Image.Image, references: Sequence[Image.Image], truth: dict[str, Any]
+    generated: Image.Image, references: Sequence[Image.Image], truth: Truth
 ) -> float:
     """0-10: does each subject keep its reference colours, and the image the scene's (no judge)."""
     return 10.0 * float(np.mean(list(subject_consistency_details(generated, references, truth).values())))
@@ -486,7 +451,7 @@ def overall_score(pf: float, sc: float) -> float:
 
 
 def proxy_scores(
-    generated: Image.Image, references: Sequence[Image.Image], truth: dict[str, Any]
+    generated: Image.Image, references: Sequence[Image.Image], truth: Truth
 ) -> dict[str, float]:
     """PF, SC and Overall proxies of one sample, keyed like the judge's scores so reports treat both alike."""
     pf = prompt_following_proxy(generated, truth)

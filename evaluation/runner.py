@@ -509,7 +509,7 @@ def collect_external_images(
     """Match ``<key>.png`` (or .jpg/.jpeg/.webp) in ``folder`` to the samples; check and normalise each.
 
     The size rule: an image that is not ``size`` x ``size`` is centre-cropped to a square
-    and resized with bicubic interpolation (:func:`cag.data.datamodule.square`, the
+    and resized with bicubic interpolation (:func:`cag.data.batching.square`, the
     platform's one resize policy), written as PNG to ``out_dir/normalised/<key>.png``, and
     every metric (judge included) scores that copy; an image already at ``size`` is scored
     as the file itself, byte for byte. ``size`` None scores every image at its native size.
@@ -537,7 +537,7 @@ def collect_external_images(
             continue
         found.original_size[s.key] = (image.width, image.height)
         if size is not None and image.size != (size, size):
-            from cag.data.datamodule import square
+            from cag.data.batching import square
 
             target = out_dir / NORMALISED_DIR / f"{s.key}.png"
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -645,7 +645,7 @@ def run_judge(
         raise EvaluationError(f"evaluation.judge.mode={mode!r} is not one of ['online', 'batch']")
     items = []
     for s in samples:
-        scene = (s.truth or {}).get("scene", {}).get("image_id") if s.truth else None
+        scene = s.truth.scene.image_id if s.truth else None
         items.append(
             JudgeItem(
                 key=s.key,
@@ -708,13 +708,20 @@ def _open_rgb(path: str | Path) -> Image.Image:
 
 def proxy_sample_scores(sample: Sample, image: Image.Image) -> tuple[dict[str, float | None], dict[str, Any]]:
     """Judge-free PF / SC / Overall of one synthetic sample, or the error that prevented it."""
-    from evaluation.proxies import prompt_following_details, proxy_scores, subject_consistency_details
+    from evaluation.proxies import (
+        TruthError,
+        prompt_following_details,
+        proxy_scores,
+        subject_consistency_details,
+    )
 
     try:
-        scores = proxy_scores(image, sample.references, sample.truth or {})
+        if sample.truth is None:
+            raise TruthError(f"sample {sample.key!r} has no truth")
+        scores = proxy_scores(image, sample.references, sample.truth)
         details = {
-            "pf_per_entity": prompt_following_details(image, sample.truth or {}),
-            "sc_per_subject": subject_consistency_details(image, sample.references, sample.truth or {}),
+            "pf_per_entity": prompt_following_details(image, sample.truth),
+            "sc_per_subject": subject_consistency_details(image, sample.references, sample.truth),
         }
     except Exception as exc:  # TruthError and friends: recorded per sample, never turned into a score
         return {k: None for k in PROXY_KEYS}, {"proxy_error": f"{type(exc).__name__}: {exc}"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pickle
@@ -109,7 +110,8 @@ def test_writer_rejects_bad_and_duplicate_samples_and_writes_the_rest(tmp_path, 
     dotted = Sample("bad.key", s.references, s.instruction, s.groundings, s.target)
     wrong_ref = Sample("wrong-ref", s.references, s.instruction,
                        [Grounding(s.groundings[0].phrase, 9, (0.0, 0.0, 10.0, 10.0))], s.target)
-    unserialisable = Sample("odd-truth", s.references, s.instruction, s.groundings, s.target, truth={"x": {1, 2}})
+    odd_truth = dataclasses.replace(s.truth, image_size=(np.int64(64), 64))  # numpy numbers are not JSON
+    unserialisable = Sample("odd-truth", s.references, s.instruction, s.groundings, s.target, truth=odd_truth)
     with caplog.at_level(logging.WARNING, logger="cag.data.shards"):
         summary = write_shards([good[0], dotted, good[1], wrong_ref, good[0], unserialisable, good[2]],
                                str(tmp_path / "s-%06d.tar"))
@@ -208,6 +210,12 @@ def test_control_the_payload_does_run_when_unpickled(tmp_path):
     assert (tmp_path / MARKER_NAME).exists()
 
 
+def _without_subject_colours(meta: bytes) -> bytes:
+    obj = json.loads(meta)
+    del obj["truth"]["subjects"][0]["colors"]
+    return json.dumps(obj).encode()
+
+
 @pytest.mark.parametrize(
     ("mutate", "kind", "detail"),
     [
@@ -216,6 +224,7 @@ def test_control_the_payload_does_run_when_unpickled(tmp_path):
         (lambda r: r.__setitem__("target.png", b"garbage"), "undecodable_image", "target.png"),
         (lambda r: r.__setitem__("extra.pkl", b"x"), "pickle_refused", "extra.pkl"),
         (lambda r: r.__setitem__("ref9.png", r["ref0.png"]), "bad_json", "ref9.png"),
+        (lambda r: r.__setitem__("json", _without_subject_colours(r["json"])), "bad_json", "colors"),
     ],
 )
 def test_sample_from_wds_names_shard_key_and_culprit(small_samples, mutate, kind, detail):

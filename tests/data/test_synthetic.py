@@ -62,7 +62,7 @@ def test_train_val_and_test_casts_share_no_name_and_no_attribute_combination():
 def test_generated_test_samples_only_use_test_characters(samples):
     train_names, test_names = set(_cast("train")), set(_cast("test"))
     for s in samples:
-        names = {subj["name"] for subj in s.truth["subjects"]}
+        names = {subj.name for subj in s.truth.subjects}
         assert names <= (train_names if s.key.startswith("train") else test_names), s.key
 
 
@@ -85,13 +85,13 @@ def test_every_attribute_of_every_character_is_grounded_in_its_own_reference(sam
     for s in samples:
         cast = _cast(s.key.split("-")[0])
         by_phrase = {g.phrase: g.image_id for g in s.groundings}
-        for subj in s.truth["subjects"]:
-            ch = cast[subj["name"]]
-            wanted = [subj["phrase"], ch.hair_phrase, ch.top_phrase, ch.bottom_phrase]
+        for subj in s.truth.subjects:
+            ch = cast[subj.name]
+            wanted = [subj.phrase, ch.hair_phrase, ch.top_phrase, ch.bottom_phrase]
             if ch.accessory_phrase:
                 wanted.append(ch.accessory_phrase)
             for phrase in wanted:
-                assert by_phrase.get(phrase) == subj["image_id"], (s.key, phrase)
+                assert by_phrase.get(phrase) == subj.image_id, (s.key, phrase)
                 assert phrase in s.instruction
 
 
@@ -99,16 +99,16 @@ def test_part_boxes_are_tight_around_the_drawn_hair_shirt_and_pants(samples):
     for s in samples:
         cast = _cast(s.key.split("-")[0])
         boxes = {(g.phrase, g.image_id): g.bbox_2d for g in s.groundings}
-        for subj in s.truth["subjects"]:
-            ch = cast[subj["name"]]
-            ref = np.asarray(s.references[subj["image_id"] - 1])
+        for subj in s.truth.subjects:
+            ch = cast[subj.name]
+            ref = np.asarray(s.references[subj.image_id - 1])
             for part, phrase, majority in (
                 ("hair", ch.hair_phrase, 0.3),
                 ("top", ch.top_phrase, 0.35),  # stripes take up to a third
                 ("bottom", ch.bottom_phrase, 0.6),
             ):
-                colour = subj["colors"][part]
-                box = boxes[(phrase, subj["image_id"])]
+                colour = subj.colors[part]
+                box = boxes[(phrase, subj.image_id)]
                 inside = _crop(ref, box)
                 share = _exact(inside, colour).mean()
                 assert share >= majority, (s.key, phrase, share)
@@ -118,44 +118,44 @@ def test_part_boxes_are_tight_around_the_drawn_hair_shirt_and_pants(samples):
 
 def test_character_box_is_exactly_the_non_background_region_of_its_reference(samples):
     for s in samples:
-        for subj in s.truth["subjects"]:
-            ref = np.asarray(s.references[subj["image_id"] - 1])
+        for subj in s.truth.subjects:
+            ref = np.asarray(s.references[subj.image_id - 1])
             fg = np.any(ref != ref[0, 0], axis=-1)
             ys, xs = np.flatnonzero(fg.any(axis=1)), np.flatnonzero(fg.any(axis=0))
             size = ref.shape[0]
             expected = [xs[0] / size * 1000, ys[0] / size * 1000, (xs[-1] + 1) / size * 1000,
                         (ys[-1] + 1) / size * 1000]
-            assert subj["reference_bbox_2d"] == pytest.approx(expected, abs=0.01), s.key
-            grounded = next(g for g in s.groundings if g.phrase == subj["phrase"])
-            assert list(grounded.bbox_2d) == subj["reference_bbox_2d"]
+            assert list(subj.reference_bbox_2d) == pytest.approx(expected, abs=0.01), s.key
+            grounded = next(g for g in s.groundings if g.phrase == subj.phrase)
+            assert grounded.bbox_2d == subj.reference_bbox_2d
 
 
 def test_prop_boxes_hold_the_prop_in_the_scene_reference_and_the_target(samples):
     for s in samples:
-        scene = s.truth["scene"]
-        ref = np.asarray(s.references[scene["image_id"] - 1])
+        scene = s.truth.scene
+        ref = np.asarray(s.references[scene.image_id - 1])
         target = np.asarray(s.target)
-        assert scene["image_id"] == len(s.references)
-        for prop in scene["props"]:
-            inside = _crop(ref, prop["reference_bbox_2d"])
-            assert _exact(inside, prop["color"]).mean() >= 0.25, (s.key, prop["name"])
-            assert _exact(inside, prop["color"]).sum() == _exact(ref, prop["color"]).sum(), (s.key, prop["name"])
-            assert prop["target_bbox_2d"] == prop["reference_bbox_2d"]
-            assert prop["phrase"] in s.instruction
+        assert scene.image_id == len(s.references)
+        for prop in scene.props:
+            inside = _crop(ref, prop.reference_bbox_2d)
+            assert _exact(inside, prop.color).mean() >= 0.25, (s.key, prop.name)
+            assert _exact(inside, prop.color).sum() == _exact(ref, prop.color).sum(), (s.key, prop.name)
+            assert prop.target_bbox_2d == prop.reference_bbox_2d
+            assert prop.phrase in s.instruction
             # named in the instruction, so it must stay visible in the target: few prop pixels repainted
-            sky, ground = scene["colors"]["sky"], scene["colors"]["ground"]
-            t_inside = _crop(target, prop["target_bbox_2d"])
+            sky, ground = scene.colors["sky"], scene.colors["ground"]
+            t_inside = _crop(target, prop.target_bbox_2d)
             prop_px = ~_exact(inside, sky) & ~_exact(inside, ground)
             kept = (prop_px & np.all(t_inside == inside, axis=-1)).sum() / prop_px.sum()
-            assert kept >= 0.8, (s.key, prop["name"], kept)
+            assert kept >= 0.8, (s.key, prop.name, kept)
         # The target's background is the scene reference wherever no character stands.
         free = np.ones(target.shape[:2], dtype=bool)
-        for subj in s.truth["subjects"]:
-            x1, y1, x2, y2 = _px_box(subj["target_bbox_2d"], target.shape[1])
+        for subj in s.truth.subjects:
+            x1, y1, x2, y2 = _px_box(subj.target_bbox_2d, target.shape[1])
             free[y1:y2, x1:x2] = False
         assert np.array_equal(target[free], ref[free]), s.key
-        assert tuple(ref[0, 0]) == tuple(scene["colors"]["sky"])
-        assert tuple(ref[-1, 0]) == tuple(scene["colors"]["ground"])
+        assert tuple(ref[0, 0]) == tuple(scene.colors["sky"])
+        assert tuple(ref[-1, 0]) == tuple(scene.colors["ground"])
 
 
 _POSITION_WORDS = {"left": ("left",), "centre": ("centre", "middle"), "right": ("right",)}
@@ -164,17 +164,17 @@ _POSITION_WORDS = {"left": ("left",), "centre": ("centre", "middle"), "right": (
 def test_target_draws_each_character_on_its_instructed_side_in_its_colours(samples):
     for s in samples:
         target = np.asarray(s.target)
-        for subj in s.truth["subjects"]:
-            x1, _, x2, _ = subj["target_bbox_2d"]
+        for subj in s.truth.subjects:
+            x1, _, x2, _ = subj.target_bbox_2d
             cx = (x1 + x2) / 2
             expected = {"left": cx < 1000 / 3, "centre": 1000 / 3 <= cx <= 2000 / 3, "right": cx > 2000 / 3}
-            assert expected[subj["position"]], (s.key, subj["name"], subj["position"], cx)
+            assert expected[subj.position], (s.key, subj.name, subj.position, cx)
             # the sentence that introduces the character says the same side
-            intro = next(sent for sent in re.split(r"(?<=\.) ", s.instruction) if subj["phrase"] in sent)
-            assert any(w in intro for w in _POSITION_WORDS[subj["position"]]), (s.key, intro)
-            inside = _crop(target, subj["target_bbox_2d"])
+            intro = next(sent for sent in re.split(r"(?<=\.) ", s.instruction) if subj.phrase in sent)
+            assert any(w in intro for w in _POSITION_WORDS[subj.position]), (s.key, intro)
+            inside = _crop(target, subj.target_bbox_2d)
             for part, share in (("hair", 0.03), ("top", 0.1), ("bottom", 0.1)):
-                assert _exact(inside, subj["colors"][part]).mean() >= share, (s.key, subj["name"], part)
+                assert _exact(inside, subj.colors[part]).mean() >= share, (s.key, subj.name, part)
 
 
 def test_close_up_characters_are_taller_than_medium_and_long_shot_ones(samples):
@@ -182,7 +182,7 @@ def test_close_up_characters_are_taller_than_medium_and_long_shot_ones(samples):
     for s in samples:
         first = s.instruction.split(".")[0].lower()
         shot = next(k for k in heights if k in first)
-        heights[shot] += [b["target_bbox_2d"][3] - b["target_bbox_2d"][1] for b in s.truth["subjects"]]
+        heights[shot] += [b.target_bbox_2d[3] - b.target_bbox_2d[1] for b in s.truth.subjects]
     assert all(heights.values()), {k: len(v) for k, v in heights.items()}
     assert min(heights["close-up"]) > max(heights["medium"]) > 0
     assert min(heights["medium"]) > max(heights["long"])
@@ -190,22 +190,23 @@ def test_close_up_characters_are_taller_than_medium_and_long_shot_ones(samples):
 
 def test_truth_has_the_documented_shape(samples):
     s = samples[0]
-    assert set(s.truth) == {"image_size", "subjects", "scene"}
-    assert s.truth["image_size"] == [CFG.image_size, CFG.image_size]
-    for subj in s.truth["subjects"]:
+    shape = s.truth.to_dict()
+    assert set(shape) == {"image_size", "subjects", "scene"}
+    assert shape["image_size"] == [CFG.image_size, CFG.image_size]
+    for subj in shape["subjects"]:
         assert set(subj) == {"name", "image_id", "phrase", "position", "target_bbox_2d", "reference_bbox_2d", "colors"}
         assert set(subj["colors"]) == {"hair", "top", "bottom"}
         assert all(isinstance(v, int) for rgb in subj["colors"].values() for v in rgb)
-    assert set(s.truth["scene"]) == {"image_id", "colors", "props"}
-    assert set(s.truth["scene"]["colors"]) == {"sky", "ground"}
-    for prop in s.truth["scene"]["props"]:
+    assert set(shape["scene"]) == {"image_id", "colors", "props"}
+    assert set(shape["scene"]["colors"]) == {"sky", "ground"}
+    for prop in shape["scene"]["props"]:
         assert set(prop) == {"name", "phrase", "color", "target_bbox_2d", "reference_bbox_2d"}
 
 
 def test_character_count_sets_references_and_task_type(samples):
     counts = set()
     for s in samples:
-        n = len(s.truth["subjects"])
+        n = len(s.truth.subjects)
         counts.add(n)
         assert len(s.references) == n + 1
         assert s.task_type == ("scene_single_character" if n == 1 else "scene_multi_character")

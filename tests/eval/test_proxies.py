@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from cag.data.truth import Truth
 from evaluation.proxies import (
     TruthError,
     box_to_pixels,
@@ -24,7 +25,7 @@ SKY, GROUND = (150, 200, 250), (236, 214, 160)
 REF_BG = (244, 244, 238)
 SKIN = (232, 190, 150)
 
-TRUTH = {
+RAW = {  # the truth as shards store it
     "image_size": [128, 128],
     "subjects": [
         {
@@ -60,6 +61,7 @@ TRUTH = {
         ],
     },
 }
+TRUTH = Truth.from_dict(RAW)
 
 
 def _draw_subject(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], colours: dict) -> None:
@@ -104,18 +106,18 @@ def _references(size: int, truth: dict) -> list[Image.Image]:
     return refs
 
 
-REFS = _references(128, TRUTH)
+REFS = _references(128, RAW)
 
 
 def test_perfect_image_scores_at_least_nine_on_both_proxies() -> None:
-    img = _render(128, TRUTH)
+    img = _render(128, RAW)
     assert prompt_following_proxy(img, TRUTH) >= 9.0
     assert subject_consistency_proxy(img, REFS, TRUTH) >= 9.0
 
 
 def test_perfect_image_generated_at_lower_resolution_still_scores_high() -> None:
     """Truth boxes are relative, so a 64x64 generation against 128x128 references is scored on its own grid."""
-    img = _render(64, TRUTH)
+    img = _render(64, RAW)
     assert prompt_following_proxy(img, TRUTH) >= 9.0
     assert subject_consistency_proxy(img, REFS, TRUTH) >= 9.0
 
@@ -131,8 +133,8 @@ def test_blank_or_noise_image_scores_low(kind: str) -> None:
 
 
 def test_swapping_subjects_left_right_lowers_prompt_following_clearly() -> None:
-    good = prompt_following_proxy(_render(128, TRUTH), TRUTH)
-    swapped = _render(128, TRUTH, swap=True)
+    good = prompt_following_proxy(_render(128, RAW), TRUTH)
+    swapped = _render(128, RAW, swap=True)
     details = prompt_following_details(swapped, TRUTH)
     assert good - prompt_following_proxy(swapped, TRUTH) >= 5.0
     assert details["Rin"] <= 0.1 and details["Kai"] <= 0.1
@@ -140,11 +142,11 @@ def test_swapping_subjects_left_right_lowers_prompt_following_clearly() -> None:
 
 
 def test_recoloured_clothes_lower_subject_consistency_for_that_subject_only() -> None:
-    good = subject_consistency_proxy(_render(128, TRUTH), REFS, TRUTH)
-    colours = copy.deepcopy([s["colors"] for s in TRUTH["subjects"]])
+    good = subject_consistency_proxy(_render(128, RAW), REFS, TRUTH)
+    colours = copy.deepcopy([s["colors"] for s in RAW["subjects"]])
     colours[0]["top"] = [0, 135, 135]  # teal instead of blue
     colours[0]["bottom"] = [245, 120, 185]  # pink instead of olive
-    img = _render(128, TRUTH, colours=colours)
+    img = _render(128, RAW, colours=colours)
     details = subject_consistency_details(img, REFS, TRUTH)
     assert good - subject_consistency_proxy(img, REFS, TRUTH) >= 2.0
     assert details["Rin"] <= 0.5
@@ -152,7 +154,7 @@ def test_recoloured_clothes_lower_subject_consistency_for_that_subject_only() ->
 
 
 def test_wrong_scene_colours_lower_the_scene_part_of_subject_consistency() -> None:
-    img = np.asarray(_render(128, TRUTH)).copy()
+    img = np.asarray(_render(128, RAW)).copy()
     sky = np.all(img == np.asarray(SKY, dtype=np.uint8), axis=-1)
     img[sky] = (25, 30, 75)  # night sky instead of day
     details = subject_consistency_details(Image.fromarray(img), REFS, TRUTH)
@@ -161,40 +163,31 @@ def test_wrong_scene_colours_lower_the_scene_part_of_subject_consistency() -> No
 
 
 def test_moving_a_prop_lowers_its_prompt_following() -> None:
-    moved = copy.deepcopy(TRUTH)
+    moved = copy.deepcopy(RAW)
     moved["scene"]["props"][0]["target_bbox_2d"] = [420, 60, 580, 280]  # drawn in the sky instead
     img = _render(128, moved)
     assert prompt_following_details(img, TRUTH)["green tent"] <= 0.1
 
 
 def test_prompt_following_uses_the_relative_box_not_truth_image_size() -> None:
-    wrong_size = copy.deepcopy(TRUTH)
+    wrong_size = copy.deepcopy(RAW)
     wrong_size["image_size"] = [1024, 1024]
-    img = _render(96, TRUTH)
-    assert prompt_following_proxy(img, wrong_size) == pytest.approx(prompt_following_proxy(img, TRUTH))
+    img = _render(96, RAW)
+    assert prompt_following_proxy(img, Truth.from_dict(wrong_size)) == pytest.approx(prompt_following_proxy(img, TRUTH))
 
 
 def test_overall_is_the_geometric_mean_and_proxy_scores_report_all_three() -> None:
     assert overall_score(4.0, 9.0) == pytest.approx(6.0)
-    scores = proxy_scores(_render(128, TRUTH), REFS, TRUTH)
+    scores = proxy_scores(_render(128, RAW), REFS, TRUTH)
     assert set(scores) == {"pf", "sc", "overall"}
     assert scores["overall"] == pytest.approx(math.sqrt(scores["pf"] * scores["sc"]))
 
 
 def test_reference_id_outside_the_reference_list_is_a_truth_error() -> None:
-    bad = copy.deepcopy(TRUTH)
+    bad = copy.deepcopy(RAW)
     bad["subjects"][1]["image_id"] = 7
     with pytest.raises(TruthError, match="image_id=7"):
-        subject_consistency_proxy(_render(128, TRUTH), REFS, bad)
-
-
-def test_malformed_truth_is_a_truth_error() -> None:
-    with pytest.raises(TruthError, match="subjects"):
-        prompt_following_proxy(_render(64, TRUTH), {"scene": {}})
-    bad = copy.deepcopy(TRUTH)
-    del bad["subjects"][0]["colors"]
-    with pytest.raises(TruthError, match="colors"):
-        prompt_following_proxy(_render(64, TRUTH), bad)
+        subject_consistency_proxy(_render(128, RAW), REFS, Truth.from_dict(bad))
 
 
 def test_synthetic_generator_targets_score_high() -> None:

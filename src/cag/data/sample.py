@@ -11,6 +11,8 @@ from typing import Any
 
 from PIL import Image
 
+from cag.data.truth import Truth
+
 BOX_SCALE = 1000.0  # groundings use Qwen3-VL's 0-1000 relative coordinates
 
 
@@ -68,8 +70,8 @@ class Sample:
 
     ``conditioning`` holds precomputed frozen-model outputs (see :mod:`cag.data.cache`).
     ``truth`` carries what a synthetic generator knows (where each subject must appear,
-    what it must look like) so evaluation can score without a judge; it is ``None`` for
-    real data.
+    what it must look like, :class:`cag.data.truth.Truth`) so evaluation can score without
+    a judge; it is ``None`` for real data.
     """
 
     key: str
@@ -78,7 +80,7 @@ class Sample:
     groundings: list[Grounding] = field(default_factory=list)
     target: Image.Image | None = None
     task_type: str = "multi_character"
-    truth: dict[str, Any] | None = None
+    truth: Truth | None = None
     conditioning: Any = None  # cag.data.cache.CachedConditioning when the shard carries cached VLM/codec outputs
 
     def validate(self) -> None:

@@ -31,6 +31,7 @@ import webdataset as wds
 from PIL import Image
 
 from cag.data.sample import Grounding, GroundingError, Sample, validate_grounding
+from cag.data.truth import Truth, TruthError
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def sample_to_wds(sample: Sample) -> dict[str, Any]:
         "task_type": sample.task_type,
         "num_references": len(sample.references),
         "has_target": sample.target is not None,
-        "truth": sample.truth,
+        "truth": sample.truth.to_dict() if sample.truth is not None else None,
     }
     record: dict[str, Any] = {
         "__key__": sample.key,
@@ -321,9 +322,10 @@ def sample_from_wds(record: dict[str, Any]) -> Sample:
         except GroundingError as exc:
             raise ShardSampleError(shard, key, "bad_grounding", str(exc)) from exc
         groundings.append(g)
-    truth = meta.get("truth")
-    if truth is not None and not isinstance(truth, dict):
-        raise ShardSampleError(shard, key, "bad_json", f"truth is a {type(truth).__name__}")
+    try:
+        truth = Truth.from_dict(meta["truth"]) if meta.get("truth") is not None else None
+    except TruthError as exc:
+        raise ShardSampleError(shard, key, "bad_json", str(exc)) from exc
     sample = Sample(
         key=key,
         references=references,

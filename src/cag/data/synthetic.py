@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from cag.data.sample import BOX_SCALE, Grounding, Sample
+from cag.data.truth import PropTruth, SceneTruth, SubjectTruth, Truth
 
 RGB = tuple[int, int, int]
 
@@ -759,7 +760,7 @@ def generate_sample(split: str, index: int, cfg: SyntheticConfig) -> Sample:
 
     references: list[Image.Image] = []
     groundings: list[Grounding] = []
-    subjects_truth: list[dict[str, Any]] = []
+    subjects_truth: list[SubjectTruth] = []
     ref_phrases = [f"{ch.name} (Fig.{k + 1})" for k, ch in enumerate(cast)]
     ref_boxes: list[list[float]] = []
     for k, ch in enumerate(cast):
@@ -777,15 +778,12 @@ def generate_sample(split: str, index: int, cfg: SyntheticConfig) -> Sample:
     references.append(scene_img.copy())
     scene_phrase = rng.choice(("the background", f"the {layout.place}")) + f" (Fig.{scene_id})"
     groundings.append(Grounding(scene_phrase, scene_id, (0.0, 0.0, BOX_SCALE, BOX_SCALE)))
-    props_truth = []
+    props_truth: list[PropTruth] = []
     for j, prop in enumerate(layout.props):
         phrase = f"{prop.name} (Fig.{scene_id})"
         box = _label_bbox(scene_lab, lambda a, j=j: a == _PROP_LABEL + j, f"prop {prop.name!r}")
         groundings.append(Grounding(phrase, scene_id, tuple(box)))  # type: ignore[arg-type]
-        props_truth.append({
-            "name": prop.name, "phrase": phrase, "color": list(_PROP_COLOURS[prop.colour_name]),
-            "target_bbox_2d": list(box), "reference_bbox_2d": list(box),
-        })
+        props_truth.append(PropTruth(prop.name, phrase, _PROP_COLOURS[prop.colour_name], tuple(box), tuple(box)))  # type: ignore[arg-type]
 
     # target: the scene, then every character at its instructed place and size
     target = scene_img
@@ -795,15 +793,15 @@ def generate_sample(split: str, index: int, cfg: SyntheticConfig) -> Sample:
         _draw_character(_Painter(target, target_labels, (x0, y0, x1 - x0, y1 - y0)), pl.character, 10 * (k + 1))
     tl = np.asarray(target_labels)
     for k, pl in enumerate(layout.placements):
-        subjects_truth.append({
-            "name": pl.character.name,
-            "image_id": k + 1,
-            "phrase": ref_phrases[k],
-            "position": pl.position,
-            "target_bbox_2d": _character_box(tl, 10 * (k + 1), f"{ref_phrases[k]} in the target"),
-            "reference_bbox_2d": ref_boxes[k],
-            "colors": {part: list(rgb) for part, rgb in pl.character.colours().items()},
-        })
+        subjects_truth.append(SubjectTruth(
+            name=pl.character.name,
+            image_id=k + 1,
+            phrase=ref_phrases[k],
+            position=pl.position,
+            target_bbox_2d=tuple(_character_box(tl, 10 * (k + 1), f"{ref_phrases[k]} in the target")),  # type: ignore[arg-type]
+            reference_bbox_2d=tuple(ref_boxes[k]),  # type: ignore[arg-type]
+            colors=dict(pl.character.colours()),
+        ))
 
     # instruction
     sentences = [rng.choice(_SHOT_WORDS[layout.shot])]
@@ -836,15 +834,12 @@ def generate_sample(split: str, index: int, cfg: SyntheticConfig) -> Sample:
         )))
     instruction = " ".join(sentences)
 
-    truth = {
-        "image_size": [size, size],
-        "subjects": subjects_truth,
-        "scene": {
-            "image_id": scene_id,
-            "colors": {"sky": list(_PLACES[layout.place][0]), "ground": list(_PLACES[layout.place][1])},
-            "props": props_truth,
-        },
-    }
+    sky, ground = _PLACES[layout.place]
+    truth = Truth(
+        image_size=(size, size),
+        subjects=tuple(subjects_truth),
+        scene=SceneTruth(scene_id, {"sky": sky, "ground": ground}, tuple(props_truth)),
+    )
     sample = Sample(
         key=f"{split}-{index:06d}",
         references=references,

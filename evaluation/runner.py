@@ -40,6 +40,7 @@ from PIL import Image
 
 from cag.checkpoints import CHECKPOINT_NAME, CHECKPOINT_ROOTS, last_checkpoints
 from cag.data.sample import Sample
+from cag.data.sources import SampleSource, SourceError
 from evaluation.report import (
     RunSummary,
     SampleResult,
@@ -236,36 +237,17 @@ def find_target(
 
 
 def load_benchmark(data_cfg: Mapping[str, Any], n: int | None) -> list[Sample]:
-    """The test samples: the synthetic split (with ground truth, so proxies can score) or a manifest."""
-    source = data_cfg.get("source", "synthetic")
-    if source == "synthetic":
-        from cag.data.synthetic import SyntheticConfig, generate_split
+    """The test samples of ``data:`` (synthetic split with ground truth for the proxies, shards, or a manifest).
 
-        syn = dict(data_cfg.get("synthetic") or {})
-        if isinstance(syn.get("num_characters"), list | tuple):
-            syn["num_characters"] = [int(v) for v in syn["num_characters"]]
-        count = int(n if n is not None else data_cfg.get("num_samples", 300))
-        return list(generate_split(str(data_cfg.get("split", "test")), count, SyntheticConfig(**syn)))
-    if source == "manifest":
-        from cag.data.manifest import read_manifest
-
-        path = data_cfg.get("manifest")
-        if not path:
-            raise EvaluationError("data.source=manifest needs data.manifest=<path to the JSONL manifest>")
-        samples = list(read_manifest(path))
-        return samples if n is None else samples[: int(n)]
-    if source == "shards":
-        import itertools
-
-        from cag.data.shards import iter_shard_samples
-
-        urls = data_cfg.get("urls")
-        if not urls:
-            raise EvaluationError("data.source=shards needs data.urls=<shard path or brace pattern>")
-        # test data: every shard, in order, in this process (no rank/worker split, no shuffle)
-        stream = iter_shard_samples(urls, resampled=False, shuffle=0, split_by_node=False, split_by_worker=False)
-        return list(itertools.islice(stream, None if n is None else int(n)))
-    raise EvaluationError(f"data.source={source!r} is not one of ['synthetic', 'manifest', 'shards']")
+    ``n`` None takes every sample of shards and manifests, ``data.num_samples`` (300) of the synthetic split.
+    """
+    try:
+        source = SampleSource.from_config(data_cfg, prefix="data")
+        if n is None and source.kind == "synthetic":
+            n = int(data_cfg.get("num_samples", 300))
+        return list(source.samples(n))
+    except SourceError as exc:
+        raise EvaluationError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------- generation

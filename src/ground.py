@@ -22,6 +22,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from cag.data.sample import Sample
+from cag.data.sources import SampleSource, synthetic_config
 from cag.grounding import (
     GroundingPipeline,
     PromptTemplates,
@@ -33,6 +34,7 @@ from cag.grounding import (
     save_alignment,
     write_report,
 )
+from cag.utils.plain import plain
 
 log = logging.getLogger("ground")
 
@@ -57,31 +59,17 @@ def iter_input(cfg: DictConfig) -> Iterator[Sample]:
         raise ValueError(
             f"set exactly one of input.shards, input.manifest, input.synthetic.n>0 (got {chosen or 'none'})"
         )
-    limit = inp.get("limit")
-    if chosen[0] == "shards":
-        from cag.data.shards import iter_shard_samples
-
-        urls = inp.shards if isinstance(inp.shards, str) else list(inp.shards)
-        samples: Any = iter_shard_samples(
-            urls, resampled=False, shuffle=0, split_by_node=False, split_by_worker=False
-        )
-    elif chosen[0] == "manifest":
-        from cag.data.manifest import read_manifest
-
-        samples = read_manifest(inp.manifest)
-    else:
-        from cag.data.synthetic import SyntheticConfig, generate_split
-
-        syn = OmegaConf.to_container(inp.synthetic, resolve=True)
-        assert isinstance(syn, dict)
-        split, n = str(syn.pop("split", "test")), int(syn.pop("n"))
-        if limit is not None:
-            n = min(n, int(limit))
-        samples = generate_split(split, n, SyntheticConfig(**syn))
-    for i, s in enumerate(samples):
-        if limit is not None and i >= int(limit):
-            return
-        yield s
+    limit = None if inp.get("limit") is None else int(inp.limit)
+    if chosen[0] == "synthetic":
+        syn = dict(plain(inp.synthetic))
+        n = int(syn.pop("n"))
+        source = SampleSource("synthetic", str(syn.pop("split", "test")), synthetic_config(syn), prefix="input")
+        return source.samples(n if limit is None else min(n, limit))
+    urls = plain(inp.shards)
+    source = SampleSource(
+        chosen[0], urls=tuple(urls) if isinstance(urls, list) else urls, manifest=inp.get("manifest"), prefix="input"
+    )
+    return source.samples(limit)
 
 
 def _safe_name(key: str) -> str:

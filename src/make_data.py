@@ -24,7 +24,8 @@ from tqdm import tqdm
 from cag.data.manifest import ManifestError, load_manifest, scan_manifest
 from cag.data.sample import Sample
 from cag.data.shards import WriteSummary, brace_urls, existing_shards, write_shards
-from cag.data.synthetic import SPLITS, SyntheticConfig, generate_split
+from cag.data.sources import SampleSource
+from cag.data.synthetic import SPLITS, SyntheticConfig
 
 
 class MakeDataError(RuntimeError):
@@ -45,7 +46,7 @@ def _synthetic(cfg: DictConfig) -> tuple[Iterator[Sample], int, list[dict[str, s
     n = cfg.num_samples
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise MakeDataError(f"num_samples={n!r} must be a positive int")
-    return generate_split(cfg.split, n, syn), n, []
+    return SampleSource("synthetic", cfg.split, syn).samples(n), n, []
 
 
 def _manifest(cfg: DictConfig) -> tuple[Iterator[Sample], int, list[dict[str, str]]]:

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from cag.checkpoints import find_latest_checkpoint, read_checkpoint
 from cag.data.batching import bucket_batches, collate, to_image
 from cag.data.sample import Sample
+from cag.data.sources import SampleSource
 from cag.lightning_module import TRAINABLE_PREFIX, CheckpointMismatchError, model_architecture
 from cag.models.attention import ATTENTION_MODES
 from cag.models.cag_model import CAGModel, build_cag_model
@@ -263,37 +264,15 @@ def generate_samples(
 # --------------------------------------------------------------------------- command line (src/generate.py)
 
 SYNTHETIC_DEFAULT_N = 32
-INPUT_SOURCES = ("synthetic", "shards", "manifest")
-
-
 def samples_from_config(inp: Any) -> list[Sample]:
     """The samples to generate for: synthetic split, shards, or a manifest (checked as a whole first)."""
-    source = inp.get("source", "synthetic")
     n = inp.get("n")
     if n is not None and (isinstance(n, bool) or int(n) < 0):
         raise ValueError(f"input.n={n!r} must be a non-negative int or null")
-    if source == "synthetic":
-        from cag.data.synthetic import SyntheticConfig, generate_split
-
-        count = SYNTHETIC_DEFAULT_N if n is None else int(n)
-        return list(generate_split(str(inp.get("split", "test")), count, SyntheticConfig(**_as_dict(inp.synthetic))))
-    if source == "shards":
-        import itertools
-
-        from cag.data.shards import iter_shard_samples
-
-        if not inp.get("urls"):
-            raise ValueError("input.source=shards needs input.urls (e.g. data/shards/test/shard-{000000..000001}.tar)")
-        stream = iter_shard_samples(inp.urls, resampled=False, shuffle=0, split_by_node=False, split_by_worker=False)
-        return list(itertools.islice(stream, None if n is None else int(n)))
-    if source == "manifest":
-        from cag.data.manifest import load_manifest
-
-        if not inp.get("manifest"):
-            raise ValueError("input.source=manifest needs input.manifest (a JSONL file)")
-        entries = load_manifest(inp.manifest)  # every line and file checked before any image is generated
-        return [e.to_sample() for e in entries[: None if n is None else int(n)]]
-    raise ValueError(f"input.source={source!r} is not one of {list(INPUT_SOURCES)}")
+    source = SampleSource.from_config(inp, prefix="input")
+    if n is None and source.kind == "synthetic":
+        n = SYNTHETIC_DEFAULT_N
+    return list(source.samples(n))
 
 
 def resolve_checkpoint(ckpt: str | None, base: str | Path = ".") -> Path | None:

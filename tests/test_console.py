@@ -12,9 +12,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from cag.remote.testing import OpenAICompatServer
 from cag.train import train
 from cag.utils import logs
+from tests.fake_chat_api import OpenAICompatServer
 
 ROOT = Path(__file__).resolve().parents[1]
 FALSE_ALARMS = ("isinstance(treespec, LeafSpec)", "module(s) in eval mode", "overridden `transfer_batch_to_device`")

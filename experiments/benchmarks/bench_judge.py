@@ -27,12 +27,13 @@ from typing import Any
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: the fake server is in tests/
 from spread import interleave, quartiles  # noqa: E402
 
 from cag.remote.chat import ChatClient
-from cag.remote.testing import FaultInjector, OpenAICompatServer, Reply
 from evaluation.aggregate import summarize
 from evaluation.judge import JudgeItem, judge_items
+from tests.fake_chat_api import FaultInjector, OpenAICompatServer, Reply
 
 
 def constant_judge(body: dict[str, Any], call_index: int) -> Reply:

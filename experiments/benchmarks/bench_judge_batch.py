@@ -38,8 +38,8 @@ from PIL import Image  # noqa: E402
 
 from cag.remote.batch import BatchChatClient  # noqa: E402
 from cag.remote.chat import ChatClient  # noqa: E402
-from cag.remote.testing import FaultInjector, OpenAICompatServer, Reply  # noqa: E402
 from evaluation.judge import JudgeItem, judge_items  # noqa: E402
+from tests.fake_chat_api import FaultInjector, OpenAICompatServer, Reply  # noqa: E402
 
 
 def deterministic_judge(body: dict[str, Any], call_index: int) -> Reply:

@@ -18,7 +18,6 @@ from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 from cag.data.batching import square
-from cag.remote.testing import OpenAICompatServer, Reply
 from evaluation.runner import (
     EvaluationError,
     collect_external_images,
@@ -26,6 +25,7 @@ from evaluation.runner import (
     external_image_size,
     load_benchmark,
 )
+from tests.fake_chat_api import OpenAICompatServer, Reply
 
 ROOT = Path(__file__).resolve().parents[2]
 SYN = {

@@ -16,8 +16,8 @@ from test_judge import criterion_of, expected, index_of, make_items, oracle
 
 from cag.remote.batch import BatchChatClient, BatchPendingError
 from cag.remote.chat import ChatClient
-from cag.remote.testing import FaultInjector, OpenAICompatServer, Reply
 from evaluation.judge import judge_items
+from tests.fake_chat_api import FaultInjector, OpenAICompatServer, Reply
 
 FAKE_KEY = "sk-batch-LEAKCANARY-5e0c1b"
 FAST = dict(backoff_base_s=0.005, backoff_max_s=0.02)

@@ -19,7 +19,6 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from cag.remote.testing import OpenAICompatServer, Reply
 from evaluation.report import parse_markdown_table
 from evaluation.runner import (
     EvaluationError,
@@ -27,6 +26,7 @@ from evaluation.runner import (
     find_target,
     judge_availability,
 )
+from tests.fake_chat_api import OpenAICompatServer, Reply
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE_KEY = "sk-FAKE-cagtest-7f3a9c1e5b2d4680"

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cag.remote.testing import OpenAICompatServer, Reply
+from tests.fake_chat_api import OpenAICompatServer, Reply
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "experiments"))

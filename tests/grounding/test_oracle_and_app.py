@@ -17,7 +17,7 @@ from PIL import Image
 from cag.data.shards import iter_shard_samples
 from cag.data.synthetic import SyntheticConfig, generate_split
 from cag.grounding import GroundingPipeline, OracleBackend, PromptTemplates, build_report
-from cag.remote.testing import OpenAICompatServer, Reply
+from tests.fake_chat_api import OpenAICompatServer, Reply
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"

@@ -13,8 +13,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from cag.train import train
-from cag.utils.config import ConfigError, flatten_config, validate_train_config
+from cag.train import train, validate_train_config
+from cag.utils.config import ConfigError, flatten_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

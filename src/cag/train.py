@@ -17,9 +17,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from cag.checkpoints import CheckpointLoadError, read_checkpoint
 from cag.fault_tolerance import LastCheckpoint
 from cag.lightning_module import CAGLightningModule
+from cag.models.attention import ATTENTION_MODES
+from cag.models.positions import REF_POSITION_MODES
 from cag.parallel import avoid_double_checkpointing
 from cag.tracking import log_training_run_metadata
-from cag.utils.config import ConfigError, flatten_config, validate_train_config
+from cag.utils.config import ConfigError, flatten_config
 from cag.utils.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,32 @@ def run_name_from_hydra(default: str = "default") -> str:
     experiment = hc.runtime.choices.get("experiment") or default
     keep = [o for o in hc.overrides.task if not o.startswith(("experiment=", "ckpt_path", "hydra.", "paths."))]
     return f"{experiment}:{','.join(keep)}" if keep else str(experiment)
+
+
+def validate_train_config(cfg: DictConfig) -> None:
+    """Fail before building a model or touching data."""
+    if cfg.attention not in ATTENTION_MODES:
+        raise ConfigError(f"attention={cfg.attention!r} is not one of {list(ATTENTION_MODES)}")
+    if cfg.ref_positions not in REF_POSITION_MODES:
+        raise ConfigError(f"ref_positions={cfg.ref_positions!r} is not one of {list(REF_POSITION_MODES)}")
+    for name in ("vae_dropout", "text_dropout"):
+        v = cfg[name]
+        if not isinstance(v, int | float) or isinstance(v, bool) or not 0.0 <= float(v) <= 1.0:
+            raise ConfigError(f"{name}={v!r} must be a number in [0, 1]")
+    size = int(cfg.model.image_size)
+    if cfg.model.codec.get("kind") == "pixel_unshuffle":
+        step = 2 * int(cfg.model.codec.factor)
+        if size % step:
+            raise ConfigError(f"model.image_size={size} must be a multiple of {step} (2 x codec.factor)")
+    if float(cfg.optim.lr) <= 0:
+        raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0")
+    strategy = cfg.trainer.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
+    if "fsdp" in target.lower() and "mixed" in str(cfg.trainer.get("precision", "")) and cfg.model.get("dtype") != "float32":
+        raise ConfigError(
+            f"trainer=fsdp with precision={cfg.trainer.precision} needs model.dtype=float32 (fp32 master weights); "
+            f"got model.dtype={cfg.model.get('dtype')!r}, which would let AdamW update bf16 weights"
+        )
 
 
 def check_resume_checkpoint(path: str | None) -> None:

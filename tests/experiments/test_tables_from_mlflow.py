@@ -259,7 +259,7 @@ def test_sampler_settings_are_left_to_the_evaluation_defaults_unless_given(tmp_p
     kw = {"out_dir": tmp_path, "generations_root": tmp_path, "tracking_uri": "sqlite:///x.db", "n_eval": 3}
     common.evaluate_run(run, **kw)
     common.evaluate_run(run, num_steps=7, cfg_scale=2.5, **kw)
-    defaults = OmegaConf.load(ROOT / "conf" / "evaluate.yaml").sampler
+    defaults = OmegaConf.load(ROOT / "conf" / "sampler" / "default.yaml")
     assert (seen[0].sampler.num_steps, seen[0].sampler.cfg_scale) == (defaults.num_steps, defaults.cfg_scale)
     assert (seen[1].sampler.num_steps, seen[1].sampler.cfg_scale) == (7, 2.5)
     assert seen[0].seed == seen[1].seed  # every configuration is sampled with the same noise

@@ -1,9 +1,7 @@
 """LightningDataModule: synthetic, shard or manifest samples -> model-ready batches.
 
-Resize policy: every image is centre-cropped to a square and resized (bicubic) to
-``image_size``; references for the VLM are resized to ``vlm_image_size``. Batches are
-bucketed by the number of references, because one batch shares one RoPE layout
-(diffusers' QwenEmbedRope takes one image-shape list per batch).
+Resize policy and batch layout: :mod:`cag.data.batching` (targets and references at
+``image_size``, the VLM's copies of the references at ``vlm_image_size``).
 
 Training streams are infinite and cut into epochs of ``epoch_batches`` batches per rank,
 so every DDP rank runs the same number of steps (webdataset's ``with_epoch`` idea, here
@@ -15,83 +13,25 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 from webdataset.utils import make_seed, pytorch_worker_info
 
+from cag.data.batching import bucket_batches, collate
+from cag.data.manifest import read_manifest
 from cag.data.sample import GroundingError, Sample
+from cag.data.shards import iter_shard_samples
+from cag.data.synthetic import SyntheticConfig, generate_sample
 from cag.utils.plain import plain
 
 log = logging.getLogger(__name__)
 
 DATA_SOURCES = ("synthetic", "shards", "manifest")
-
-
-def square(image: Image.Image, size: int) -> Image.Image:
-    """Centre-crop to a square, then resize: the platform's one resize policy."""
-    w, h = image.size
-    s = min(w, h)
-    if (w, h) != (s, s):
-        left, top = (w - s) // 2, (h - s) // 2
-        image = image.crop((left, top, left + s, top + s))
-    image = image.convert("RGB")
-    return image if image.size == (size, size) else image.resize((size, size), Image.BICUBIC)
-
-
-def to_pixels(image: Image.Image) -> torch.Tensor:
-    """uint8 RGB -> float ``[3, H, W]`` in [-1, 1]."""
-    arr = np.asarray(image, dtype=np.float32)
-    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
-
-
-def to_image(pixels: torch.Tensor) -> Image.Image:
-    """float ``[3, H, W]`` in [-1, 1] -> uint8 RGB image."""
-    arr = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr)
-
-
-def collate(samples: list[Sample], image_size: int, vlm_image_size: int) -> dict[str, Any]:
-    """Samples with the same number of references -> the batch dict :meth:`CAGModel.training_loss` reads."""
-    n_refs = {len(s.references) for s in samples}
-    if len(n_refs) != 1:
-        raise ValueError(f"a batch needs one reference count, got {sorted(n_refs)} (keys {[s.key for s in samples]})")
-    n = n_refs.pop()
-    batch: dict[str, Any] = {
-        "keys": [s.key for s in samples],
-        "instructions": [s.instruction for s in samples],
-        "groundings": [list(s.groundings) for s in samples],
-        "task_types": [s.task_type for s in samples],
-        "vlm_references": [[square(r, vlm_image_size) for r in s.references] for s in samples],
-        "ref_pixels": [torch.stack([to_pixels(square(s.references[k], image_size)) for s in samples]) for k in range(n)],
-    }
-    if all(s.target is not None for s in samples):
-        batch["target_pixels"] = torch.stack([to_pixels(square(s.target, image_size)) for s in samples])
-    caches = [s.conditioning for s in samples]
-    if all(c is not None and (c.image_size, c.vlm_image_size) == (image_size, vlm_image_size) for c in caches):
-        batch["cached"] = caches
-    return batch
-
-
-def bucket_batches(samples: Iterable[Sample], batch_size: int, drop_last: bool) -> Iterator[list[Sample]]:
-    """Group consecutive samples by reference count into batches of ``batch_size``."""
-    buckets: dict[int, list[Sample]] = {}
-    for s in samples:
-        b = buckets.setdefault(len(s.references), [])
-        b.append(s)
-        if len(b) == batch_size:
-            yield b
-            buckets[len(s.references)] = []
-    if not drop_last:
-        for b in buckets.values():
-            if b:
-                yield b
 
 
 def _shard_index() -> tuple[int, int]:
@@ -129,8 +69,6 @@ class SampleStream(IterableDataset):
         dm = self.dm
         me, readers = _shard_index()
         if dm.source == "synthetic":
-            from cag.data.synthetic import SyntheticConfig, generate_sample
-
             cfg = SyntheticConfig(**dm.synthetic)
             n = dm.train_samples if self.train else dm.val_samples
             if self.train:
@@ -142,8 +80,6 @@ class SampleStream(IterableDataset):
                 if j % readers == me:
                     yield generate_sample(self.split, i, cfg)
         elif dm.source == "shards":
-            from cag.data.shards import iter_shard_samples
-
             urls = dm.urls if self.train else dm.val_urls
             n_shards = len([u for spec in ([urls] if isinstance(urls, str) else urls) for u in expand_urls(str(spec))])
             if not self.train and n_shards < readers and me == 0:
@@ -248,8 +184,6 @@ class CAGDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.source == "manifest" and not self.manifest_samples:
-            from cag.data.manifest import read_manifest
-
             self.manifest_samples = list(read_manifest(self.manifest))
             for s in self.manifest_samples:
                 try:

@@ -1,0 +1,1 @@
+"""Ablation pipelines and tables of the paper, built on cag and evaluation."""

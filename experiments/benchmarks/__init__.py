@@ -1,0 +1,1 @@
+"""Micro-benchmarks behind the README's performance figures; run as scripts."""

@@ -53,6 +53,9 @@ for _p in (ROOT, ROOT / "src", ROOT / "experiments"):
 
 import stats  # noqa: E402
 
+from evaluation.aggregate import overall_per_sample  # noqa: E402
+from evaluation.report import SampleResult, read_results_jsonl  # noqa: E402
+
 log = logging.getLogger("experiments")
 
 TRAIN_EXPERIMENT = "cag"
@@ -497,10 +500,6 @@ def ensure_evaluated(run: TrainedRun, args: argparse.Namespace, out: Path, metri
 # --------------------------------------------------------------------------- per-sample results from MLflow
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def load_results(tracking_uri: str, runs: Sequence[TrainedRun], metric_prefix: str) -> None:
     """Per-sample scores of each run's evaluation (``<prefix>/run_id`` tag), from its ``results.jsonl`` artifact.
 
@@ -516,31 +515,29 @@ def load_results(tracking_uri: str, runs: Sequence[TrainedRun], metric_prefix: s
         r.eval_run_id = eval_id
         if not eval_id:
             continue
-        records: list[dict[str, Any]] | None = None
+        records: list[SampleResult] | None = None
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                records = _read_jsonl(Path(client.download_artifacts(eval_id, "results.jsonl", tmp)))
+                records = read_results_jsonl(client.download_artifacts(eval_id, "results.jsonl", tmp))
             except Exception as exc:
                 log.debug("no results.jsonl artifact in run %s: %s", eval_id, exc)
         if records is None:
             local = Path(client.get_run(eval_id).data.tags.get("output_dir", "")) / "results.jsonl"
             if local.is_file():
-                records = _read_jsonl(local)
+                records = read_results_jsonl(local)
         if records is None:
             print(f"[stats] {r.config.label} seed {r.seed}: no per-sample results for evaluation run {eval_id}",
                   flush=True)
             continue
         for rec in records:
-            key = str(rec["key"])
-            raw = rec.get("scores") or {}
-            scores = {name: (None if raw.get(k) is None else float(raw[k])) for k, name in RESULT_KEYS.items()}
+            scores = {name: rec.scores.get(k) for k, name in RESULT_KEYS.items()}
             if scores["Overall"] is None and scores["PF"] is not None and scores["SC"] is not None:
-                scores["Overall"] = math.sqrt(max(0.0, scores["PF"]) * max(0.0, scores["SC"]))
-            r.samples[key] = scores
-            r.task_types[key] = str(rec.get("task_type", "default"))
-            r.images[key] = str(rec.get("generated") or "")
-            r.references[key] = [str(p) for p in rec.get("references") or []]
-            r.instructions[key] = str(rec.get("instruction", ""))
+                scores["Overall"] = overall_per_sample(scores["PF"], scores["SC"])
+            r.samples[rec.key] = scores
+            r.task_types[rec.key] = rec.task_type
+            r.images[rec.key] = rec.generated or ""
+            r.references[rec.key] = list(rec.references)
+            r.instructions[rec.key] = rec.instruction
 
 
 # --------------------------------------------------------------------------- statistics

@@ -238,6 +238,17 @@ class CAGModel(nn.Module):
         return out[:, : layout.num_target_tokens]
 
     # ------------------------------------------------------------------ training
+    def training_sigmas(self, u: torch.Tensor) -> torch.Tensor:
+        """Noise levels for draws ``u`` in [0, 1) of the timestep density, where larger ``u`` means more noise.
+
+        The scheduler's (shifted) sigma table runs from 1 down to ~0, so it is read from its end:
+        reading it from the front flips an asymmetric density, and ``logit_mean > 0`` would then
+        train mostly near clean images and almost never near sigma = 1, where sampling starts.
+        """
+        n = self.scheduler.config.num_train_timesteps
+        idx = ((1.0 - u) * n).long().clamp_(0, n - 1)
+        return self.scheduler.sigmas[idx.cpu()]
+
     def training_loss(
         self,
         batch: dict[str, Any],
@@ -248,7 +259,8 @@ class CAGModel(nn.Module):
         logit_std: float = 1.0,
         mode_scale: float = 1.29,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Rectified-flow loss on the target tokens (DESIGN.md §6) with VAE dropout decided per step (eq. 6)."""
+        """Rectified-flow loss on the target tokens (docs/design.md, 'Training objective') with VAE dropout
+        decided per step (docs/design.md, 'VAE dropout'; eq. 6)."""
         target = batch["target_pixels"]
         device = target.device
         bsz = target.shape[0]
@@ -272,8 +284,7 @@ class CAGModel(nn.Module):
         u = compute_density_for_timestep_sampling(
             weighting_scheme=weighting_scheme, batch_size=bsz, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale
         )
-        idx = (u * self.scheduler.config.num_train_timesteps).long().clamp_(0, self.scheduler.config.num_train_timesteps - 1)
-        sigma = self.scheduler.sigmas[idx].to(device=device, dtype=x0.dtype)
+        sigma = self.training_sigmas(u).to(device=device, dtype=x0.dtype)
         noise = torch.randn_like(x0)
         s = sigma.view(-1, 1, 1)
         xt = (1.0 - s) * x0 + s * noise

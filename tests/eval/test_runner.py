@@ -19,13 +19,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from evaluation.generation import _contiguous
 from evaluation.report import parse_markdown_table
-from evaluation.runner import (
-    EvaluationError,
-    _contiguous,
-    find_target,
-    judge_availability,
-)
+from evaluation.runner import EvaluationError, find_target
+from evaluation.scoring import judge_availability
 from tests.fake_chat_api import OpenAICompatServer, Reply
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -29,13 +29,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-_ROOT = Path(__file__).resolve().parents[1]
-for _p in (_ROOT, _ROOT / "src"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from cag.data.sample import Sample  # noqa: E402
-from evaluation.runner import EvaluationError, external_image_size, load_benchmark  # noqa: E402
+from cag.data.sample import Sample
+from evaluation.runner import EvaluationError, external_image_size, load_benchmark
 
 log = logging.getLogger("evaluation.export")
 

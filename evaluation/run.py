@@ -10,19 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-# the script is run by path from the repository root; make the repo importable without installing it
-_ROOT = Path(__file__).resolve().parents[1]
-for _p in (_ROOT, _ROOT / "src"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from cag.utils.logs import setup_logging  # noqa: E402
-from evaluation.runner import EvaluationError, evaluate, format_report  # noqa: E402
+from cag.utils.logs import setup_logging
+from evaluation.runner import EvaluationError, evaluate, format_report
 
 log = logging.getLogger("evaluation.run")
 

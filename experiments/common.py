@@ -46,15 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evaluation.aggregate import overall_per_sample
+from evaluation.report import SampleResult, read_results_jsonl
+from experiments import stats
+
 ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT, ROOT / "src", ROOT / "experiments"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-import stats  # noqa: E402
-
-from evaluation.aggregate import overall_per_sample  # noqa: E402
-from evaluation.report import SampleResult, read_results_jsonl  # noqa: E402
 
 log = logging.getLogger("experiments")
 

@@ -17,9 +17,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-import common
-import stats
-from common import JUDGE_METRICS, PROXY_METRICS, Comparison, Config, TrainedRun
+from experiments import common, stats
+from experiments.common import JUDGE_METRICS, PROXY_METRICS, Comparison, Config, TrainedRun
 
 NAME = "fig10"
 PREFIX = "eval"

@@ -29,21 +29,16 @@ import csv
 import json
 import math
 import os
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evaluation.report import COLUMNS, MISSING  # the Table 1 columns, one definition
+from experiments import stats  # the bootstrap shared with the ablation tables
+
 ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT, ROOT / "src", ROOT / "experiments"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-import stats  # noqa: E402  (experiments/stats.py: the bootstrap shared with the ablation tables)
-
-from evaluation.report import COLUMNS, MISSING  # noqa: E402  (the Table 1 columns, one definition)
 
 EVAL_EXPERIMENT = "cag-eval"
 SUMMARY_EXPERIMENT = "cag-experiments"

@@ -16,8 +16,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-import common
-from common import Comparison, Config, TrainedRun
+from experiments import common
+from experiments.common import Comparison, Config, TrainedRun
 
 NAME = "table2"
 PREFIX = "eval"

@@ -25,9 +25,7 @@ would also count the threads' spin-waiting, so use one).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +34,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from cag.models.attention import CAGAttnProcessor, PhraseRowMask, install_cag_attention
 from cag.models.layout import PhraseBinding, TokenLayout, box_to_token_indices
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from spread import interleave  # noqa: E402
+from experiments.benchmarks.spread import interleave
 
 
 class RecomputeRowsProcessor(CAGAttnProcessor):

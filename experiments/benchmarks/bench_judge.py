@@ -26,14 +26,14 @@ from typing import Any
 
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: the fake server is in tests/
-from spread import interleave, quartiles  # noqa: E402
-
 from cag.remote.chat import ChatClient
 from evaluation.aggregate import summarize
 from evaluation.judge import JudgeItem, judge_items
-from tests.fake_chat_api import FaultInjector, OpenAICompatServer, Reply
+from experiments.benchmarks.spread import interleave, quartiles
+
+# the fake server is test support code in tests/, which is not installed: the one path this script adds
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.fake_chat_api import FaultInjector, OpenAICompatServer, Reply  # noqa: E402
 
 
 def constant_judge(body: dict[str, Any], call_index: int) -> Reply:

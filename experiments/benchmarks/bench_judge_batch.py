@@ -28,17 +28,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from cag.remote.batch import BatchChatClient
+from cag.remote.chat import ChatClient
+from evaluation.judge import JudgeItem, judge_items
+
+# the fake servers are test support code in tests/, which is not installed: the one path this script adds
 ROOT = Path(__file__).resolve().parents[2]
-for _p in (ROOT, ROOT / "src", ROOT / "tests" / "eval"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from fake_batch_api import FakeBatchAPI  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from cag.remote.batch import BatchChatClient  # noqa: E402
-from cag.remote.chat import ChatClient  # noqa: E402
-from evaluation.judge import JudgeItem, judge_items  # noqa: E402
+sys.path.insert(0, str(ROOT))
+from tests.eval.fake_batch_api import FakeBatchAPI  # noqa: E402
 from tests.fake_chat_api import FaultInjector, OpenAICompatServer, Reply  # noqa: E402
 
 

@@ -18,7 +18,6 @@ times ``--batches`` batches made while it waits, the steady-state rate.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,9 +29,7 @@ from cag.data.datamodule import CAGDataModule
 from cag.data.shards import write_shards
 from cag.data.synthetic import SyntheticConfig, generate_split
 from cag.models.cag_model import build_cag_model
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from spread import interleave  # noqa: E402
+from experiments.benchmarks.spread import interleave
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFETCH = 2  # DataLoader's default prefetch_factor

@@ -25,6 +25,7 @@ from evaluation.runner import (
     external_image_size,
     load_benchmark,
 )
+from experiments import table1
 from tests.fake_chat_api import OpenAICompatServer, Reply
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -173,9 +174,6 @@ def test_external_images_missing_unreadable_named_others_resized_scored_and_tagg
     assert "sampler/num_steps" not in run.data.params, "no sampler ran for external images"
 
     # the run is a Table 1 row: the bootstrap's point estimate is the run's metric, coverage its count
-    sys.path.insert(0, str(ROOT / "experiments"))
-    import table1
-
     rows, _ = table1.build_table1(uri, tmp_path / "t1", n_boot=200, log_to_mlflow=False, paper=False)
     row = rows[0]
     assert row.method == "Method X" and row.source == "external"

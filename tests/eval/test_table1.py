@@ -5,17 +5,15 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "experiments"))
+from experiments import table1
 
-import table1  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _eval_run(

@@ -8,9 +8,9 @@ import runpy
 import sys
 from pathlib import Path
 
+from experiments.benchmarks import spread
+
 BENCH = Path(__file__).resolve().parents[2] / "experiments" / "benchmarks"
-sys.path.insert(0, str(BENCH))
-import spread  # noqa: E402
 
 
 def test_paired_ratios_cancel_drift_and_stop_at_the_minimum():

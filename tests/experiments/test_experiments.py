@@ -29,14 +29,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from experiments import common, table2, table3
 from tests.fake_chat_api import OpenAICompatServer, Reply
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "experiments"))
-
-import common  # noqa: E402
-import table2  # noqa: E402
-import table3  # noqa: E402
 
 TINY = ["--preset", "default", "--n-eval", "4", "--num-steps", "4"]  # default preset: CI does not follow study tuning
 TRAIN_SMALL = ["data.batch_size=2", "data.val_samples=2", "data.epoch_batches=6", "callbacks.last_checkpoint.every_n_steps=2",

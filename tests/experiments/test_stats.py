@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "experiments"))
-
-import stats  # noqa: E402
-
-from evaluation.report import SampleResult, summarise  # noqa: E402
+from evaluation.report import SampleResult, summarise
+from experiments import stats
 
 
 def _scores(values: np.ndarray, keys: list[str]) -> dict[int, dict[str, float | None]]:

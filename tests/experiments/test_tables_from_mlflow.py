@@ -7,7 +7,6 @@ import csv
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,16 +18,10 @@ import torch
 from mlflow.entities import Param
 from PIL import Image
 
+from experiments import common, fig10, stats, table2, table3
 from tests.browser import chromium_or_skip, run_headless
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "experiments"))
-
-import common  # noqa: E402
-import fig10  # noqa: E402
-import stats  # noqa: E402
-import table2  # noqa: E402
-import table3  # noqa: E402
 
 KEYS = [f"test-{i:06d}" for i in range(6)]  # the synthetic test split's keys, so the page finds the targets
 

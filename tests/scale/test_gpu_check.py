@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "experiments" / "gpu_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
+from experiments import gpu_check
 
 
 def test_cpu_smoke_mode_times_every_attention_mode_and_trains_the_tiny_default(capsys):
-    assert _gpu_check().main(["--device", "cpu", "--small", "--repeats", "1"]) == 0
+    assert gpu_check.main(["--device", "cpu", "--small", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "[part 1] device cpu" in out and "joint tokens 256" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("  ") and len(line.split()) == 6}
@@ -32,6 +20,6 @@ def test_cpu_smoke_mode_times_every_attention_mode_and_trains_the_tiny_default(c
 
 def test_asking_for_cuda_without_a_device_exits_with_a_clear_message(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert _gpu_check().main([]) == 2
+    assert gpu_check.main([]) == 2
     err = capsys.readouterr().err
     assert "no CUDA device" in err and "--device cpu --small" in err

@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from cag.data.batching import collate
-from cag.models.codec import LinearPatchCodec, build_codec, fit_linear_patch_codec
+from cag.models.codec import LinearPatchCodec, build_codec, fit_linear_patch_codec, pack, unpack
 
 
 def _images(samples, size=64):
@@ -43,3 +43,15 @@ def test_shipped_default_codec_loads_by_name_and_mismatches_are_named(tmp_path, 
     save_file({"mean": torch.zeros(48)}, str(bad))
     with pytest.raises(ValueError, match="missing"):
         LinearPatchCodec.load(bad)
+
+
+def test_packing_puts_each_2x2_latent_patch_in_one_token_channel_major_and_unpacks_exactly():
+    latents = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).view(2, 3, 4, 6)
+    tokens = pack(latents)
+    assert tokens.shape == (2, 2 * 3, 12)
+    # token (row 1, column 2) of the 2x3 token grid holds latent rows 2-3, columns 4-5 of every channel
+    expected = torch.stack([latents[1, c, 2 + dy, 4 + dx] for c in range(3) for dy in range(2) for dx in range(2)])
+    assert torch.equal(tokens[1, 1 * 3 + 2], expected)
+    assert torch.equal(unpack(tokens, 2, 3), latents)
+    with pytest.raises(ValueError, match="must be even"):
+        pack(torch.zeros(1, 3, 4, 5))

@@ -185,13 +185,17 @@ def build_codec(cfg: Any, source: str | None = None, dtype: torch.dtype = torch.
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
-    """``[B, C, h, w]`` -> ``[B, (h/2)(w/2), 4C]``, the 2x2 packing of diffusers' QwenImage pipelines."""
-    from diffusers import QwenImagePipeline
+    """``[B, C, h, w]`` -> ``[B, (h/2)(w/2), 4C]``: one token per 2x2 latent patch, row-major.
 
+    A token's features are ordered channel-major, then patch row, then patch column: the
+    layout the released Qwen-Image DiT was trained on (diffusers' QwenImage pipelines pack
+    the same way, but only through a private helper, so the reshape is written out here).
+    """
     b, c, h, w = latents.shape
     if h % 2 or w % 2:
         raise ValueError(f"latent grid {h}x{w} must be even to pack 2x2 (image side must be a multiple of 2x codec downsample)")
-    return QwenImagePipeline._pack_latents(latents, b, c, h, w)
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
 
 
 def unpack(tokens: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:

@@ -7,9 +7,9 @@ on its own, and one guard against checkpointing the same block twice.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-import lightning as L
 from hydra.utils import get_class
 from torch import nn
 
@@ -32,21 +32,25 @@ def module_classes(names: Iterable[str]) -> set[type[nn.Module]]:
     return out
 
 
-def strategy_checkpoints_activations(trainer: L.Trainer) -> bool:
-    """True when the trainer's strategy (FSDP with ``activation_checkpointing_policy``) wraps blocks itself."""
-    return bool(getattr(trainer.strategy, "_activation_checkpointing_kwargs", None))
+def strategy_checkpoints_activations(strategy_cfg: Any) -> bool:
+    """True when the trainer's strategy config (FSDP with ``activation_checkpointing_policy``) wraps blocks itself.
+
+    Read from the config the strategy is built from: the built FSDPStrategy keeps this
+    setting only in a private attribute.
+    """
+    return isinstance(strategy_cfg, Mapping) and strategy_cfg.get("activation_checkpointing_policy") is not None
 
 
-def avoid_double_checkpointing(trainer: L.Trainer, transformer: nn.Module) -> bool:
+def avoid_double_checkpointing(strategy_cfg: Any, transformer: nn.Module) -> bool:
     """Turn off diffusers' own gradient checkpointing when the strategy already checkpoints each block.
 
     ``model.gradient_checkpointing=true`` (diffusers' ``enable_gradient_checkpointing``) is
     what single-GPU and DDP runs need; under FSDP with ``activation_checkpointing_policy``
     Lightning wraps every block in a ``CheckpointWrapper`` as well, and the two nested
-    checkpoints would run each block's forward three times instead of twice. Call after the
-    trainer and the model exist, before ``fit``. Returns whether it switched anything off.
+    checkpoints would run each block's forward three times instead of twice. ``strategy_cfg``
+    is ``cfg.trainer.strategy``; call before ``fit``. Returns whether it switched anything off.
     """
-    if not strategy_checkpoints_activations(trainer) or not getattr(transformer, "gradient_checkpointing", False):
+    if not strategy_checkpoints_activations(strategy_cfg) or not getattr(transformer, "gradient_checkpointing", False):
         return False
     transformer.disable_gradient_checkpointing()
     return True

@@ -114,7 +114,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         vae_dropout=cfg.vae_dropout, text_dropout=cfg.text_dropout, seed=cfg.seed, ema_decay=cfg.ema_decay,
     )
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
-    avoid_double_checkpointing(trainer, module.model.transformer)  # FSDP checkpoints blocks itself
+    avoid_double_checkpointing(cfg.trainer.get("strategy"), module.model.transformer)  # FSDP checkpoints blocks itself
     for lg in loggers:
         lg.log_hyperparams(flatten_config(cfg))
         if isinstance(lg, MLFlowLogger):  # experiment kind (runs table first) and what this run trains on

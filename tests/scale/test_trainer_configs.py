@@ -8,7 +8,6 @@ config is checked here on every machine.
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import hydra
 import pytest
@@ -42,17 +41,16 @@ def test_fsdp_config_builds_lightning_fsdp_strategy_wrapping_and_checkpointing_d
     assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.gradient_clip_val is None
     strategy = hydra.utils.instantiate(cfg.trainer.strategy)
     assert type(strategy) is FSDPStrategy
-    assert strategy._state_dict_type == "sharded"
+    assert cfg.trainer.strategy.state_dict_type == "sharded"
     assert str(strategy.sharding_strategy) == "ShardingStrategy.FULL_SHARD"
-    policy = strategy.kwargs["auto_wrap_policy"]
-    assert isinstance(policy, ModuleWrapPolicy)
+    assert isinstance(strategy.kwargs["auto_wrap_policy"], ModuleWrapPolicy)
     # block classes only: whole-VLM / VAE units would be bypassed by PromptEncoder.vlm and vae.encode
-    assert policy._module_classes == {QwenImageTransformerBlock, Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock}
+    wrapped = hydra.utils.instantiate(cfg.trainer.strategy.auto_wrap_policy)
+    assert wrapped == {QwenImageTransformerBlock, Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock}
     assert strategy.kwargs["use_orig_params"] is True  # frozen VLM and trainable DiT may share FSDP units
-    ckpt_policy = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]
-    assert ckpt_policy._module_classes == {QwenImageTransformerBlock}
+    assert hydra.utils.instantiate(cfg.trainer.strategy.activation_checkpointing_policy) == {QwenImageTransformerBlock}
     # exactly the classes the libraries declare as unsplittable
-    assert {c.__name__ for c in policy._module_classes} == (
+    assert {c.__name__ for c in wrapped} == (
         set(QwenImageTransformer2DModel._no_split_modules) | set(Qwen2_5_VLForConditionalGeneration._no_split_modules)
     )
     mp = FSDPPrecision(cfg.trainer.precision).mixed_precision_config
@@ -64,8 +62,8 @@ def test_ddp_configs_build_lightning_ddp_strategy():
         cfg = _compose(f"trainer={name}")
         strategy = hydra.utils.instantiate(cfg.trainer.strategy)
         assert type(strategy) is DDPStrategy
-        assert strategy._process_group_backend == backend
-        assert strategy._ddp_kwargs["find_unused_parameters"] is False
+        assert strategy.process_group_backend == backend
+        assert cfg.trainer.strategy.find_unused_parameters is False
         assert cfg.trainer.accelerator == accelerator and cfg.trainer.num_nodes == 1
     cfg = _compose("trainer=ddp", "trainer.num_nodes=4")
     assert cfg.trainer.num_nodes == 4 and cfg.trainer.devices == -1
@@ -101,12 +99,10 @@ def test_fsdp_activation_checkpointing_switches_off_diffusers_checkpointing_but_
         m.enable_gradient_checkpointing()
         return m
 
-    fsdp = hydra.utils.instantiate(_compose("trainer=fsdp").trainer.strategy)
-    ddp = hydra.utils.instantiate(_compose("trainer=ddp").trainer.strategy)
     under_fsdp, under_ddp = dit(), dit()
-    assert avoid_double_checkpointing(SimpleNamespace(strategy=fsdp), under_fsdp) is True
+    assert avoid_double_checkpointing(_compose("trainer=fsdp").trainer.strategy, under_fsdp) is True
     assert under_fsdp.gradient_checkpointing is False
-    assert avoid_double_checkpointing(SimpleNamespace(strategy=ddp), under_ddp) is False
+    assert avoid_double_checkpointing(_compose("trainer=ddp").trainer.strategy, under_ddp) is False
     assert under_ddp.gradient_checkpointing is True
 
 

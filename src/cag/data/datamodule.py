@@ -23,16 +23,13 @@ from webdataset.shardlists import expand_urls
 from webdataset.utils import make_seed, pytorch_worker_info
 
 from cag.data.batching import bucket_batches, collate
-from cag.data.manifest import read_manifest
 from cag.data.sample import GroundingError, Sample
 from cag.data.shards import iter_shard_samples
-from cag.data.synthetic import SyntheticConfig, generate_sample
+from cag.data.sources import SampleSource
+from cag.data.synthetic import generate_sample
 from cag.utils.plain import plain
 
 log = logging.getLogger(__name__)
-
-DATA_SOURCES = ("synthetic", "shards", "manifest")
-
 
 def _shard_index() -> tuple[int, int]:
     """(this reader's index, number of readers) over DDP ranks x DataLoader workers, as webdataset splits shards."""
@@ -69,7 +66,7 @@ class SampleStream(IterableDataset):
         dm = self.dm
         me, readers = _shard_index()
         if dm.source == "synthetic":
-            cfg = SyntheticConfig(**dm.synthetic)
+            cfg = dm.sample_source.synthetic
             n = dm.train_samples if self.train else dm.val_samples
             if self.train:
                 rng = random.Random(dm.seed * 1000 + self.epoch)
@@ -150,12 +147,10 @@ class CAGDataModule(L.LightningDataModule):
         val_manifest: str | None = None,
     ) -> None:
         super().__init__()
-        if source not in DATA_SOURCES:
-            raise ValueError(f"data.source={source!r} is not one of {DATA_SOURCES}")
-        if source == "shards" and not urls:
-            raise ValueError("data.source=shards needs data.urls (e.g. data/shards/train/shard-{000000..000003}.tar)")
-        if source == "manifest" and not manifest:
-            raise ValueError("data.source=manifest needs data.manifest (a JSONL file)")
+        # the rule every entry point shares for which sources exist and what each needs (names the missing key)
+        self.sample_source = SampleSource.from_config(
+            {"source": source, "synthetic": synthetic, "urls": urls, "manifest": manifest}
+        )
         self.source = source
         self.image_size, self.vlm_image_size = image_size, vlm_image_size
         self.batch_size, self.num_workers, self.epoch_batches = batch_size, num_workers, epoch_batches
@@ -184,7 +179,7 @@ class CAGDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.source == "manifest" and not self.manifest_samples:
-            self.manifest_samples = list(read_manifest(self.manifest))
+            self.manifest_samples = list(self.sample_source.samples())
             for s in self.manifest_samples:
                 try:
                     s.validate()

@@ -55,7 +55,7 @@ class SampleSource:
         if self.kind == "shards" and not self.urls:
             raise SourceError(
                 f"{p}.source=shards needs {p}.urls (a shard path or brace pattern, "
-                "e.g. data/shards/test/shard-{000000..000001}.tar)"
+                "e.g. data/shards/<split>/shard-{000000..000001}.tar)"
             )
         if self.kind == "manifest" and not self.manifest:
             raise SourceError(f"{p}.source=manifest needs {p}.manifest (a JSONL file)")

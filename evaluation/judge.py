@@ -88,10 +88,6 @@ class JudgeRecord:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> JudgeRecord:
-        return cls(**data)
-
 
 # --------------------------------------------------------------------------- parsing
 def _dicts(value: Any) -> list[dict[str, Any]]:
@@ -260,8 +256,3 @@ def write_jsonl(records: Sequence[JudgeRecord], path: str | Path) -> None:
     with Path(path).open("w", encoding="utf-8") as fh:
         for rec in records:
             fh.write(json.dumps(rec.to_dict(), ensure_ascii=False) + "\n")
-
-
-def read_jsonl(path: str | Path) -> list[JudgeRecord]:
-    with Path(path).open(encoding="utf-8") as fh:
-        return [JudgeRecord.from_dict(json.loads(line)) for line in fh if line.strip()]

@@ -16,7 +16,7 @@ from PIL import Image
 from cag.remote.chat import ChatClient
 from evaluation import prompts
 from evaluation.aggregate import summarize
-from evaluation.judge import JudgeItem, JudgeRecord, judge_items, parse_score, read_jsonl, write_jsonl
+from evaluation.judge import JudgeItem, JudgeRecord, judge_items, parse_score, write_jsonl
 from tests.fake_chat_api import FaultInjector, OpenAICompatServer, Reply
 
 FAKE_KEY = "sk-judge-LEAKCANARY-19d2e77a"
@@ -200,12 +200,9 @@ def test_permanent_500_fails_with_reason_and_no_score(tmp_path: Path) -> None:
         assert rec.status == {"PF": "failed", "SC": "failed"}
         assert "model overloaded" in (rec.error["PF"] or "")
     write_jsonl(records, tmp_path / "j.jsonl")
-    reloaded = read_jsonl(tmp_path / "j.jsonl")
-    assert (
-        reloaded[0].pf is None
-        and json.loads((tmp_path / "j.jsonl").read_text().splitlines()[0])["pf"] is None
-    )
-    s = summarize(reloaded)
+    reloaded = [json.loads(line) for line in (tmp_path / "j.jsonl").read_text().splitlines()]
+    assert reloaded[0]["pf"] is None
+    s = summarize(reloaded)  # the file's lines are summarize's input as they are
     assert s["PF"] is None and s["Overall"] is None
     assert s["coverage"] == {"PF": 0.0, "SC": 0.0, "Overall": 0.0}
     assert s["failed"] == {"PF": 3, "SC": 3}

@@ -12,15 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from report_support import parse_markdown_table, save_image
 
 from evaluation.report import (
     MISSING,
     RunSummary,
     SampleResult,
     format_markdown_table,
-    parse_markdown_table,
     read_results_jsonl,
-    save_image,
     summarise,
     write_html,
     write_results_jsonl,

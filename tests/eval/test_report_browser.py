@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from report_support import save_image
 
-from evaluation.report import SampleResult, save_image, summarise, write_html
+from evaluation.report import SampleResult, summarise, write_html
 from tests.browser import chromium_or_skip, screenshot
 
 TARGET = (255, 0, 255)

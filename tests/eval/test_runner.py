@@ -18,9 +18,9 @@ import mlflow
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
+from report_support import parse_markdown_table
 
 from evaluation.generation import _contiguous
-from evaluation.report import parse_markdown_table
 from evaluation.runner import EvaluationError, find_target
 from evaluation.scoring import judge_availability
 from tests.fake_chat_api import OpenAICompatServer, Reply

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers.models.transformers.transformer_qwenimage import (
@@ -136,7 +138,7 @@ def test_every_row_is_attended_once_and_the_row_mask_is_built_once_for_all_layer
 
 
 def test_dropped_reference_latents_leave_phrase_rows_text_and_target_only():
-    layout = _layout().without_references()
+    layout = dataclasses.replace(_layout(), refs_present=False)  # the layout of a VAE-dropout step
     m = layout.phrase_mask()
     assert m.allowed.shape[-1] == TXT + TGT[0] * TGT[1]
     row = m.allowed[0, m.rows[0].tolist().index(7)]

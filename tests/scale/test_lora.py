@@ -8,11 +8,12 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from lora_size import lora_parameter_count
 from omegaconf import OmegaConf
 
 from cag.data.datamodule import CAGDataModule
 from cag.lightning_module import TRAINABLE_PREFIX, CAGLightningModule
-from cag.models.lora import apply_lora, lora_parameter_count, lora_parameter_names
+from cag.models.lora import apply_lora, lora_parameter_names
 
 
 def _dit_inputs(transformer, gen: torch.Generator) -> dict:

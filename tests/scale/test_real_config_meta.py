@@ -12,10 +12,11 @@ import pytest
 import torch
 from diffusers import QwenImageTransformer2DModel
 from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
+from lora_size import lora_parameter_count
 from omegaconf import OmegaConf
 
 from cag.models.attention import CAGAttnProcessor, install_cag_attention
-from cag.models.lora import LORA_TARGETS, apply_lora, lora_parameter_count, lora_parameter_names
+from cag.models.lora import LORA_TARGETS, apply_lora, lora_parameter_names
 from cag.models.positions import OffsetQwenEmbedRope, install_reference_positions
 from cag.utils.plain import plain
 

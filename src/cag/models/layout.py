@@ -88,10 +88,6 @@ class TokenLayout:
         grids = [self.target_grid] + (self.ref_grids if self.refs_present else [])
         return [[(1, h, w) for h, w in grids] for _ in range(self.batch_size)]
 
-    def without_references(self) -> TokenLayout:
-        """The same batch with reference latents removed (VAE dropout / ``use_ref_latents=false``)."""
-        return TokenLayout(self.text_mask, self.image_pad, self.target_grid, self.ref_grids, False, self.phrases)
-
     def phrase_mask(self) -> PhraseRowMask | None:
         """Eq. 9 as a per-row key mask for the phrase tokens; ``None`` when the batch has no grounded phrase."""
         b, t = self.text_mask.shape

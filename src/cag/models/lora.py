@@ -85,15 +85,3 @@ def apply_lora(transformer: nn.Module, cfg: Mapping[str, Any]) -> int:
 def lora_parameter_names(transformer: nn.Module) -> list[str]:
     """Names of the adapter weights (``...lora_A.<adapter>.weight`` / ``lora_B``) in ``transformer``."""
     return [n for n, _ in transformer.named_parameters() if ".lora_A." in n or ".lora_B." in n]
-
-
-def lora_parameter_count(num_layers: int, dim: int, mlp_dim: int, rank: int, targets: tuple[str, ...] = LORA_TARGETS) -> int:
-    """Adapter size of a QwenImage DiT without building it: r * (in + out) per targeted Linear."""
-    shapes = {
-        "img_mlp.net.0.proj": (dim, mlp_dim),
-        "img_mlp.net.2": (mlp_dim, dim),
-        "txt_mlp.net.0.proj": (dim, mlp_dim),
-        "txt_mlp.net.2": (mlp_dim, dim),
-    }
-    per_block = sum(rank * sum(shapes.get(t, (dim, dim))) for t in targets)
-    return num_layers * per_block

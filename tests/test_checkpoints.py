@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cag.checkpoints import CheckpointLoadError, find_latest_checkpoint, read_checkpoint
-from evaluation.runner import find_target
+from cag.checkpoints import CheckpointLoadError, find_latest_checkpoint, read_checkpoint, resolve_checkpoint
+from evaluation.target import find_target
 
 
 def _touch(path: Path, age: float) -> Path:
@@ -31,6 +31,13 @@ def test_latest_checkpoint_is_the_newest_last_ckpt_of_runs_and_sweeps(tmp_path):
     assert find_latest_checkpoint(tmp_path) == newer.resolve(), "Lightning's last-v1.ckpt (two save_last callbacks) counts"
     with pytest.raises(FileNotFoundError, match="outputs/train"):
         find_latest_checkpoint(tmp_path / "empty")
+
+
+def test_ckpt_value_latest_null_or_a_path(tmp_path):
+    newest = _touch(tmp_path / "outputs/train/a/checkpoints/last-v2.ckpt", 0)
+    assert resolve_checkpoint("latest", tmp_path) == newest.resolve()
+    assert resolve_checkpoint("null") is None and resolve_checkpoint(None) is None
+    assert resolve_checkpoint("elsewhere/x.ckpt") == Path("elsewhere/x.ckpt")
 
 
 def test_evaluation_and_generation_pick_the_same_newest_checkpoint_including_last_vN(tmp_path):

@@ -29,9 +29,10 @@ import torch
 from omegaconf import open_dict
 from PIL import Image
 
+from cag.checkpoints import resolve_checkpoint
 from cag.data.batching import collate, to_image
 from cag.data.sample import BOX_SCALE, Sample
-from cag.generate import load_model_for_inference, resolve_checkpoint, samples_from_config
+from cag.generate import load_model_for_inference, samples_from_config
 from cag.models.attention import ATTENTION_MODES, CAGAttnProcessor, PhraseRowMask
 from cag.models.cag_model import CAGModel, Conditioning
 from cag.sampling import SamplerConfig, sample_batch

@@ -31,16 +31,11 @@ class CheckpointLoadError(ValueError):
     """A file that is not a usable CAG training checkpoint; the message names the file and the culprit."""
 
 
-def is_last_checkpoint(path: Path) -> bool:
-    """``last.ckpt`` or ``last-vN.ckpt``: a run's most recent state, as opposed to its best."""
-    return _LAST.fullmatch(path.name) is not None
-
-
 def last_checkpoints(base: str | Path = ".", roots: Iterable[str] = CHECKPOINT_ROOTS) -> list[Path]:
     """Every last checkpoint file under ``base/<root>``, resolved (a caller may add other candidates)."""
     base = Path(base)
     return [p.resolve() for root in roots for p in (base / root).rglob("last*.ckpt")
-            if p.is_file() and is_last_checkpoint(p)]
+            if p.is_file() and _LAST.fullmatch(p.name)]
 
 
 def find_latest_checkpoint(base: str | Path = ".", roots: Iterable[str] = CHECKPOINT_ROOTS) -> Path:
@@ -51,6 +46,15 @@ def find_latest_checkpoint(base: str | Path = ".", roots: Iterable[str] = CHECKP
         where = ", ".join(str(Path(base) / r) for r in roots)
         raise FileNotFoundError(f"ckpt=latest: no {CHECKPOINT_NAME} under {where}; train first or pass ckpt=<path>")
     return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def resolve_checkpoint(ckpt: str | None, base: str | Path = ".") -> Path | None:
+    """A ``ckpt=`` value: ``latest`` is the newest last checkpoint, null means none, anything else is a path."""
+    if ckpt is None or str(ckpt).lower() in ("null", "none", ""):
+        return None
+    if str(ckpt) == "latest":
+        return find_latest_checkpoint(base)
+    return Path(ckpt)
 
 
 def read_checkpoint(path: str | Path, *, need_model_config: bool = True, mmap: bool = False) -> dict[str, Any]:

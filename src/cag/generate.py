@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cag.checkpoints import find_latest_checkpoint, read_checkpoint
+from cag.checkpoints import read_checkpoint, resolve_checkpoint
 from cag.data.batching import bucket_batches, collate, to_image
 from cag.data.sample import Sample
 from cag.data.sources import SampleSource
@@ -273,15 +273,6 @@ def samples_from_config(inp: Any) -> list[Sample]:
     if n is None and source.kind == "synthetic":
         n = SYNTHETIC_DEFAULT_N
     return list(source.samples(n))
-
-
-def resolve_checkpoint(ckpt: str | None, base: str | Path = ".") -> Path | None:
-    """``latest`` -> newest ``last.ckpt`` under outputs/train and multirun/train; a path -> itself; null -> None."""
-    if ckpt is None or str(ckpt).lower() in ("null", "none", ""):
-        return None
-    if str(ckpt) == "latest":
-        return find_latest_checkpoint(base)
-    return Path(ckpt)
 
 
 def run_generate(

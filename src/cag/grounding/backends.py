@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar
 from PIL import Image
 
 from cag.data.sample import Sample
+from cag.remote.chat import ChatClient, ChatRequest, ChatResult, image_to_data_url
 
 from .validate import COORD_SYSTEMS, CoordSystem
 
@@ -148,8 +149,6 @@ class OpenAIBackend(GroundingBackend):
         progress: bool = False,
     ) -> None:
         super().__init__(model, coords)
-        from cag.remote.chat import ChatClient
-
         self.client = ChatClient(
             model,
             base_url=base_url,
@@ -191,8 +190,6 @@ class OpenAIBackend(GroundingBackend):
         return out
 
     def messages(self, request: GroundingRequest) -> list[dict[str, Any]]:
-        from cag.remote.chat import image_to_data_url
-
         parts: list[dict[str, Any]] = [
             {
                 "type": "image_url",
@@ -209,8 +206,6 @@ class OpenAIBackend(GroundingBackend):
         parse: Callable[[str], T],
         on_answer: Callable[[Answer[T]], None] | None = None,
     ) -> list[Answer[T]]:
-        from cag.remote.chat import ChatRequest, ChatResult
-
         chat_requests = [ChatRequest(r.key, self.messages(r), self.max_tokens) for r in requests]
 
         def convert(res: ChatResult[T]) -> Answer[T]:
@@ -463,7 +458,8 @@ def build_backend(cfg: Any) -> GroundingBackend:
                 **common,  # type: ignore[arg-type]
             )
         # No checkpoint named: the platform's tiny randomly initialised Qwen2.5-VL, so the
-        # local path can be exercised end to end on a CPU without any download.
+        # local path can be exercised end to end on a CPU without any download. Imported here: the
+        # model layer loads transformers (~4 s), which the remote and oracle backends never need.
         from cag.models.vlm import build_vlm
 
         vlm, processor = build_vlm(cfg.tiny_model.vlm, seed=int(cfg.get("seed", 0)))

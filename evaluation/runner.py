@@ -26,8 +26,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from cag.utils.plain import plain
 from evaluation.benchmark import load_benchmark, save_references, save_targets
 from evaluation.external import ExternalImages, collect_external_images, external_image_size
 from evaluation.generation import GenerationOutcome, ensure_generations, jsonable
@@ -50,15 +51,9 @@ __all__ = ["EvalOutcome", "EvaluationError", "evaluate", "external_image_size", 
 log = logging.getLogger(__name__)
 
 
-def _plain(cfg: Any) -> Any:
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return cfg
-
-
 def evaluate(cfg: DictConfig | Mapping[str, Any]) -> EvalOutcome:
     """Run the evaluation described by a ``conf/evaluate.yaml`` config (see that file for every key)."""
-    c: dict[str, Any] = _plain(cfg)  # type: ignore[assignment]
+    c: dict[str, Any] = plain(cfg)
     out_dir = Path(c["output_dir"]).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = c.get("tracking_uri") if (c.get("mlflow") or {}).get("enabled", True) else None

@@ -35,6 +35,7 @@ from cag.models.attention import ATTENTION_MODES
 from cag.models.cag_model import CAGModel, build_cag_model
 from cag.models.positions import REF_POSITION_MODES
 from cag.sampling import SamplerConfig, sample_batch, sampler_from_settings
+from cag.utils.plain import plain
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,6 @@ GENERATIONS_FILE = "generations.jsonl"
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def _as_dict(cfg: Any) -> dict[str, Any]:
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    return dict(cfg)
 
 
 def _check_mode(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -88,7 +83,7 @@ def load_model_for_inference(
         hp = dict(ckpt["hyper_parameters"])
         saved = dict(hp["model"])
         if model_cfg is not None:
-            wanted = _as_dict(model_cfg)
+            wanted = dict(plain(model_cfg))
             if model_architecture(wanted) != model_architecture(saved):
                 raise CheckpointMismatchError(
                     f"{checkpoint}: checkpoint was trained with model config {saved.get('name')!r} {model_architecture(saved)}; "
@@ -101,7 +96,7 @@ def load_model_for_inference(
         info["ema"] = state is ema
         info.update(checkpoint=str(Path(checkpoint).resolve()), global_step=ckpt.get("global_step"))
     elif model_cfg is not None:
-        cfg = _as_dict(model_cfg)
+        cfg = dict(plain(model_cfg))
     else:
         raise ValueError("load_model_for_inference needs a checkpoint path or a model config (model=tiny / model=...)")
 

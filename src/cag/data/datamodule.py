@@ -67,15 +67,8 @@ class SampleStream(IterableDataset):
         me, readers = _shard_index()
         if dm.source == "synthetic":
             cfg = dm.sample_source.synthetic
-            n = dm.train_samples if self.train else dm.val_samples
-            if self.train:
-                rng = random.Random(dm.seed * 1000 + self.epoch)
-                order = itertools.chain.from_iterable(rng.sample(range(n), n) for _ in itertools.count())
-            else:
-                order = iter(range(n))
-            for j, i in enumerate(order):
-                if j % readers == me:
-                    yield generate_sample(self.split, i, cfg)
+            for i in self._indices(dm.train_samples if self.train else dm.val_samples, me, readers):
+                yield generate_sample(self.split, i, cfg)
         elif dm.source == "shards":
             urls = dm.urls if self.train else dm.val_urls
             n_shards = len([u for spec in ([urls] if isinstance(urls, str) else urls) for u in expand_urls(str(spec))])
@@ -94,15 +87,18 @@ class SampleStream(IterableDataset):
             self._stats = pipeline.stats
             yield from pipeline
         else:  # manifest: validated up front in setup()
-            samples = dm.manifest_samples
-            if self.train:
-                rng = random.Random(dm.seed * 1000 + self.epoch)
-                order = itertools.chain.from_iterable(rng.sample(range(len(samples)), len(samples)) for _ in itertools.count())
-            else:
-                order = iter(range(len(samples)))
-            for j, i in enumerate(order):
-                if j % readers == me:
-                    yield samples[i]
+            for i in self._indices(len(dm.manifest_samples), me, readers):
+                yield dm.manifest_samples[i]
+
+    def _indices(self, n: int, me: int, readers: int) -> Iterator[int]:
+        """This reader's share of ``0 .. n-1``: reshuffled every pass, endlessly, for training
+        (the order a function of seed and epoch, so a resumed run repeats it); once, in order, for validation."""
+        if self.train:
+            rng = random.Random(self.dm.seed * 1000 + self.epoch)
+            order: Iterator[int] = itertools.chain.from_iterable(rng.sample(range(n), n) for _ in itertools.count())
+        else:
+            order = iter(range(n))
+        return (i for j, i in enumerate(order) if j % readers == me)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         dm = self.dm

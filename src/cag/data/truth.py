@@ -13,7 +13,7 @@ on-disk JSON of existing shards is unchanged.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 Box = tuple[float, float, float, float]
@@ -32,6 +32,13 @@ def _field(obj: Any, key: str, where: str) -> Any:
     return obj[key]
 
 
+def _int(obj: Any, key: str, where: str) -> int:
+    value = _field(obj, key, where)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TruthError(f"{where}: {key}={value!r} must be an int")
+    return value
+
+
 def _numbers(value: Any, count: int, what: str) -> tuple[Any, ...]:
     if isinstance(value, str | bytes) or not hasattr(value, "__len__") or len(value) != count:
         raise TruthError(f"{what}={value!r} must be {count} numbers")
@@ -44,6 +51,14 @@ def _colours(value: Any, what: str) -> dict[str, Colour]:
     if not isinstance(value, Mapping):
         raise TruthError(f"{what} must map names to colours, got {value!r}")
     return {str(k): _numbers(v, 3, f"{what}[{k!r}]") for k, v in value.items()}  # type: ignore[misc]
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json(v) for v in value]
+    return value
 
 
 def _items(value: Any, what: str) -> list[Any]:
@@ -64,27 +79,13 @@ class SubjectTruth:
     reference_bbox_2d: Box
     colors: Mapping[str, Colour]  # body part (hair, top, bottom) -> RGB
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "image_id": self.image_id,
-            "phrase": self.phrase,
-            "position": self.position,
-            "target_bbox_2d": list(self.target_bbox_2d),
-            "reference_bbox_2d": list(self.reference_bbox_2d),
-            "colors": {k: list(v) for k, v in self.colors.items()},
-        }
-
     @classmethod
     def from_dict(cls, obj: Any, where: str = "subject") -> SubjectTruth:
         name = str(_field(obj, "name", where))
         where = f"{where} {name!r}"
-        image_id = _field(obj, "image_id", where)
-        if isinstance(image_id, bool) or not isinstance(image_id, int):
-            raise TruthError(f"{where}: image_id={image_id!r} must be an int")
         return cls(
             name=name,
-            image_id=image_id,
+            image_id=_int(obj, "image_id", where),
             phrase=str(_field(obj, "phrase", where)),
             position=str(_field(obj, "position", where)),
             target_bbox_2d=_numbers(_field(obj, "target_bbox_2d", where), 4, f"{where} target_bbox_2d"),  # type: ignore[arg-type]
@@ -102,15 +103,6 @@ class PropTruth:
     color: Colour
     target_bbox_2d: Box
     reference_bbox_2d: Box
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "phrase": self.phrase,
-            "color": list(self.color),
-            "target_bbox_2d": list(self.target_bbox_2d),
-            "reference_bbox_2d": list(self.reference_bbox_2d),
-        }
 
     @classmethod
     def from_dict(cls, obj: Any, where: str = "prop") -> PropTruth:
@@ -133,21 +125,11 @@ class SceneTruth:
     colors: Mapping[str, Colour]
     props: tuple[PropTruth, ...]
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "image_id": self.image_id,
-            "colors": {k: list(v) for k, v in self.colors.items()},
-            "props": [p.to_dict() for p in self.props],
-        }
-
     @classmethod
     def from_dict(cls, obj: Any, where: str = "scene") -> SceneTruth:
-        image_id = _field(obj, "image_id", where)
-        if isinstance(image_id, bool) or not isinstance(image_id, int):
-            raise TruthError(f"{where}: image_id={image_id!r} must be an int")
         props = _items(_field(obj, "props", where), f"{where} props")
         return cls(
-            image_id=image_id,
+            image_id=_int(obj, "image_id", where),
             colors=_colours(_field(obj, "colors", where), f"{where} colors"),
             props=tuple(PropTruth.from_dict(p, f"{where} prop {i}") for i, p in enumerate(props)),
         )
@@ -162,11 +144,8 @@ class Truth:
     scene: SceneTruth
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "image_size": list(self.image_size),
-            "subjects": [s.to_dict() for s in self.subjects],
-            "scene": self.scene.to_dict(),
-        }
+        """The JSON form shards store (tuples as lists, keys as the generator has always written them)."""
+        return _json(asdict(self))
 
     @classmethod
     def from_dict(cls, obj: Any) -> Truth:

@@ -31,6 +31,7 @@ from typing import Any
 
 from PIL import Image
 
+from cag.utils.images import grid_image
 from evaluation.aggregate import task_type_means
 
 # (key in scores, column title) in the order of the paper's Table 1
@@ -350,14 +351,12 @@ def write_sample_grid(
 ) -> Path | None:
     """``references | target | generated`` for the first ``num_samples`` samples that have a generated image, as one PNG.
 
-    Drawn by the training callbacks' :func:`cag.callbacks.grid_image`, so a validation grid
+    Drawn by :func:`cag.utils.images.grid_image`, as the training callbacks' grid, so a validation grid
     during training and the evaluation's grid read the same way. ``cell_size`` None uses
     the generated images' own size (at most 256 px): the grid is for the MLflow run page,
     where a small picture next to the numbers is the point. Returns None when no sample
     has a readable generated image (nothing to draw).
     """
-    from cag.callbacks import grid_image
-
     root = Path(image_root) if image_root is not None else Path(path).parent
     refs: list[list[Image.Image]] = []
     targets: list[Image.Image | None] = []

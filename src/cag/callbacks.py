@@ -19,35 +19,15 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from cag.data.batching import to_image
 from cag.sampling import SamplerConfig, sample_batch, sampler_from_settings
+from cag.utils.images import grid_image
 
 log = logging.getLogger(__name__)
 
 ARTIFACT_DIR = "validation_grid"
-
-
-def grid_image(references: list[list[Image.Image]], targets: list[Image.Image | None], generated: list[Image.Image],
-               size: int, pad: int = 2) -> Image.Image:
-    """Rows of ``references | target | generated`` at ``size`` px, a gap before the generated column."""
-    cols = max(len(r) for r in references) + 2
-    label_h = 12
-    width = cols * (size + pad) + 2 * pad
-    canvas = Image.new("RGB", (width, label_h + len(generated) * (size + pad)), "white")
-    draw = ImageDraw.Draw(canvas)
-    ncols = cols - 2
-    for c, text in [(0, "references"), (ncols, "target"), (ncols + 1, "generated")]:
-        draw.text((c * (size + pad) + (2 * pad if c == ncols + 1 else 0), 0), text, fill="black")
-    for r, (refs, tgt, gen) in enumerate(zip(references, targets, generated, strict=True)):
-        y = label_h + r * (size + pad)
-        for c, ref in enumerate(refs):
-            canvas.paste(ref.resize((size, size)), (c * (size + pad), y))
-        if tgt is not None:
-            canvas.paste(tgt.resize((size, size)), (ncols * (size + pad), y))
-        canvas.paste(gen.resize((size, size)), ((ncols + 1) * (size + pad) + 2 * pad, y))
-    return canvas
 
 
 def first_samples(batch: dict[str, Any], n: int) -> dict[str, Any]:

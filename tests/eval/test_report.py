@@ -227,7 +227,7 @@ def test_html_puts_the_target_next_to_the_generated_image_at_the_same_display_si
 
 
 def test_sample_grid_is_the_training_grid_of_the_first_samples_with_an_image(tmp_path: Path) -> None:
-    from cag.callbacks import grid_image
+    from cag.utils.images import grid_image
 
     results = _with_targets(tmp_path)
     results[0].generated = None  # not generated: left out, the next samples fill the grid

@@ -30,6 +30,7 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
+from cag.data.cache import CachedConditioning, matches_sample
 from cag.data.sample import Grounding, GroundingError, Sample, validate_grounding
 from cag.data.truth import Truth, TruthError
 
@@ -345,8 +346,6 @@ def sample_from_wds(record: dict[str, Any]) -> Sample:
 
 def _read_cache(shard: str, key: str, record: dict[str, Any], sample: Sample) -> Any:
     """Cached conditioning if present and still matching the sample; a stale or broken entry is dropped, not fatal."""
-    from cag.data.cache import CachedConditioning, matches_sample
-
     try:
         cache = CachedConditioning.from_members(record)
     except (KeyError, ValueError, OSError) as exc:

@@ -73,6 +73,8 @@ def test_sigterm_mid_epoch_then_resume_reproduces_the_uninterrupted_loss_curve(t
     last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 7  # saved at the interruption, mid-epoch (epochs are 5 steps)
+    # where the data stream resumes: epoch 1 after 2 of its batches (with 2 workers x 2 batches, 4-batch epochs: 3)
+    assert ckpt["CAGDataModule"] == {"epoch": 1, "batches_done": 2 if source == "synthetic" else 3}
     result = train(_cfg(tmp_path, "cut", f"resumed-{run}", -1, "trainer.max_steps=12", f"ckpt_path={last}", *data))
     assert result["global_step"] == 12
     full, resumed = LOSSES[f"full-{run}"], LOSSES[f"resumed-{run}"]

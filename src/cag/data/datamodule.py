@@ -157,6 +157,8 @@ class CAGDataModule(L.LightningDataModule):
         self.manifest, self.val_manifest = manifest, val_manifest
         self.manifest_samples: list[Sample] = []
         self.skipped: list[tuple[str, str, str]] = []
+        self.trained_position = (0, 0)  # (epoch, training batches handed to the model in it)
+        self._resume_position: tuple[int, int] | None = None
 
     def transfer_batch_to_device(self, batch: dict[str, Any], device: torch.device, dataloader_idx: int) -> dict[str, Any]:
         """Only pixel tensors travel; PIL images and groundings stay on the host for the VLM processor.
@@ -192,13 +194,32 @@ class CAGDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
+    # Mid-epoch resume through Lightning's public data-module hooks: state_dict() is stored in
+    # every checkpoint, load_state_dict() runs before train_dataloader() when a run resumes.
+    # The position counts batches handed to the model, not batches the loader produced, because
+    # Lightning fetches one batch ahead of the one it trains on.
+
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            epoch, done = self.trained_position
+            now = trainer.current_epoch
+            self.trained_position = (now, done + 1 if epoch == now else 1)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        epoch, done = self.trained_position
+        return {"epoch": epoch, "batches_done": done}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.trained_position = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
+        self._resume_position = self.trained_position
+
     def train_dataloader(self) -> DataLoader:
         loader = self._loader("train", True)
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        position = getattr(module, "resume_data_position", None)
-        if position is not None:  # a resumed run: same epoch order, minus the batches already trained on
-            loader.dataset.set_epoch(*position)
-            module.resume_data_position = None
+        if self._resume_position is not None:  # a resumed run: same epoch order, minus the batches already trained on
+            loader.dataset.set_epoch(*self._resume_position)
+            self._resume_position = None
         return loader
 
     def val_dataloader(self) -> DataLoader:

@@ -26,9 +26,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from cag.callbacks import first_samples
-from cag.generate import sample_batch
 from cag.lightning_module import CAGLightningModule
-from cag.sampling import sampler_from_settings
+from cag.sampling import sample_batch, sampler_from_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTS = ("data", "vlm", "codec", "dit_fwd", "dit_bwd", "optimizer")

@@ -72,7 +72,6 @@ class CAGLightningModule(L.LightningModule):
         self.max_nonfinite_steps = int(max_nonfinite_steps)
         self.nonfinite_total = 0
         self.nonfinite_run = 0
-        self.resume_data_position: tuple[int, int] | None = None
         if not 0.0 <= float(ema_decay) < 1.0:
             raise ValueError(f"ema_decay={ema_decay} must be in [0, 1)")
         self.ema_decay = float(ema_decay)
@@ -131,12 +130,6 @@ class CAGLightningModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         restore_rng_state(checkpoint, self._training_device())
-        fit = checkpoint.get("loops", {}).get("fit_loop", {})
-        if fit:
-            # where the data stream stood: the data module resumes the same epoch order after these batches
-            epoch = int(fit["epoch_progress"]["current"]["completed"])
-            done = int(fit["epoch_loop.batch_progress"]["current"]["completed"])
-            self.resume_data_position = (epoch, done)
         saved = checkpoint.get("hyper_parameters", {}).get("model")
         mine = self.hparams["model"]
         if saved is not None and model_architecture(saved) != model_architecture(mine):
@@ -151,7 +144,7 @@ class CAGLightningModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         ds = getattr(self.trainer.train_dataloader, "dataset", None)
-        if hasattr(ds, "set_epoch"):  # not called when Lightning resumes mid-epoch: see resume_data_position
+        if hasattr(ds, "set_epoch"):  # not called when Lightning resumes mid-epoch: see CAGDataModule.state_dict
             ds.set_epoch(self.current_epoch)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

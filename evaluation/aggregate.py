@@ -127,28 +127,3 @@ def summarize(records: Iterable[Any]) -> dict[str, Any]:
         "by_task_type": by_type,
     }
 
-
-def format_summary(summary: Mapping[str, Any]) -> str:
-    """One table for logs and reports: the headline row, then one row per task type."""
-
-    def fmt(v: float | None) -> str:
-        return "   n/a" if v is None else f"{v:6.3f}"
-
-    lines = [f"{'task type':<24} {'PF':>6} {'SC':>6} {'Overall':>7} {'n':>5} {'cov PF/SC':>10}"]
-    for tt, s in summary["by_task_type"].items():
-        cov = s["coverage"]
-        lines.append(
-            f"{tt:<24} {fmt(s['PF'])} {fmt(s['SC'])} {fmt(s['Overall']):>7} {s['n']:>5} "
-            f"{cov['PF']:>4.0%}/{cov['SC']:<4.0%}"
-        )
-    cov = summary["coverage"]
-    lines.append(
-        f"{'mean over task types':<24} {fmt(summary['PF'])} {fmt(summary['SC'])} {fmt(summary['Overall']):>7} "
-        f"{summary['n']:>5} {cov['PF']:>4.0%}/{cov['SC']:<4.0%}"
-    )
-    lines.append(
-        f"failed PF/SC: {summary['failed']['PF']}/{summary['failed']['SC']}  "
-        f"refused PF/SC: {summary['refused']['PF']}/{summary['refused']['SC']}  "
-        f"left out of Overall: {summary['excluded_from_overall']}"
-    )
-    return "\n".join(lines)

@@ -12,6 +12,7 @@ from typing import Any
 
 from PIL import Image
 
+from cag.data.batching import square
 from cag.data.sample import Sample
 from evaluation.target import EvaluationError
 
@@ -114,8 +115,6 @@ def collect_external_images(
             continue
         found.original_size[s.key] = (image.width, image.height)
         if size is not None and image.size != (size, size):
-            from cag.data.batching import square
-
             target = out_dir / NORMALISED_DIR / f"{s.key}.png"
             target.parent.mkdir(parents=True, exist_ok=True)
             square(image, size).save(target, format="PNG")

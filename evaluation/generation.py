@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cag.checkpoints import read_checkpoint
 from cag.data.sample import Sample
 from evaluation.target import UNTRAINED, EvalTarget
 
@@ -116,7 +117,8 @@ def ensure_generations(
     The model is loaded only when something is missing, so re-scoring finished images
     (a new judge, a new metric) does not pay for loading a 20 B-parameter model.
     """
-    from cag.checkpoints import read_checkpoint
+    # local: cag.sampling loads diffusers and the model classes, the largest import of an evaluation,
+    # which external-image runs and export.py never use
     from cag.sampling import sampler_from_settings
 
     trained_cfg = read_checkpoint(target.checkpoint)["hyper_parameters"]["model"] if target.checkpoint else model_cfg
@@ -144,6 +146,7 @@ def ensure_generations(
     ]
     info: dict[str, Any] = dict(stored.get("model_info", {})) if stored else {}
     if missing:
+        # local: cag.generate adds Lightning, which a rerun that reuses every image does not need
         from cag.generate import generate_samples, load_model_for_inference
 
         model, info = load_model_for_inference(

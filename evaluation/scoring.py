@@ -20,6 +20,12 @@ from PIL import Image
 
 from cag.data.sample import Sample
 from evaluation.external import ExternalImages
+from evaluation.proxies import (
+    TruthError,
+    prompt_following_details,
+    proxy_scores,
+    subject_consistency_details,
+)
 from evaluation.report import RunSummary, SampleResult, summarise
 from evaluation.target import EvaluationError
 
@@ -85,6 +91,7 @@ def run_judge(
     progress: bool = False,
 ) -> tuple[dict[str, Any], int, list[str]]:
     """PF / SC per sample -> (records by key, HTTP calls made, model names the API reported)."""
+    # local: the judge's client modules load the openai library, a slow import that runs without a judge skip
     import openai
 
     from cag.remote.batch import BatchChatClient, BatchPendingError
@@ -162,13 +169,6 @@ def open_rgb(path: str | Path) -> Image.Image:
 
 def proxy_sample_scores(sample: Sample, image: Image.Image) -> tuple[dict[str, float | None], dict[str, Any]]:
     """Judge-free PF / SC / Overall of one synthetic sample, or the error that prevented it."""
-    from evaluation.proxies import (
-        TruthError,
-        prompt_following_details,
-        proxy_scores,
-        subject_consistency_details,
-    )
-
     try:
         if sample.truth is None:
             raise TruthError(f"sample {sample.key!r} has no truth")
@@ -230,6 +230,7 @@ def score_samples(
     # DINO / CLIP
     metrics_cfg = c.get("metrics") or {}
     if metrics_cfg.get("enabled", True):
+        # local: torchvision and torchmetrics are a slow import that metrics.enabled=false runs skip
         from evaluation.metrics import build_metrics
 
         metrics, metric_skips = build_metrics(metrics_cfg)

@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from cag.utils.config import flatten_config
 from evaluation.outcome import EvalOutcome
 from evaluation.scoring import METRIC_NAMES
 from evaluation.target import EXTERNAL, checkpoint_name, mlflow_client
 
 
 def _eval_params(c: Mapping[str, Any], outcome: EvalOutcome) -> dict[str, Any]:
-    from cag.utils.config import flatten_config
-
     judge_client = ((c.get("evaluation") or {}).get("judge") or {}).get("client") or {}
     base_url = judge_client.get("base_url")
     params = {
@@ -53,6 +52,7 @@ def _eval_params(c: Mapping[str, Any], outcome: EvalOutcome) -> dict[str, Any]:
 
 def log_to_mlflow(c: Mapping[str, Any], outcome: EvalOutcome, tracking_uri: str) -> str:
     """One run in the evaluation experiment, tagged with the training run; headline metrics also on that run."""
+    # local: mlflow is a slow import that mlflow.enabled=false runs and export.py never use
     from mlflow.entities import Metric, Param, RunTag
 
     from cag.tracking import mark_model_training_experiment

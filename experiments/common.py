@@ -445,6 +445,7 @@ def evaluate_run(
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf, open_dict
 
+    # local: evaluation.runner loads torch (ten times this module's import time); tables never need it
     from evaluation.runner import evaluate, format_report
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -770,6 +771,7 @@ def benchmark_targets(eval_overrides: Sequence[str], keys: Sequence[str], n: int
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    # local: as in evaluate_run, torch only when the page needs target images
     from evaluation.runner import load_benchmark
 
     try:

@@ -30,7 +30,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import hydra
 import torch
+from diffusers import QwenImageTransformer2DModel
+from hydra import compose, initialize_config_dir
+
+from cag.lightning_module import CAGLightningModule
+from cag.models.attention import CAGAttnProcessor, install_cag_attention
+from cag.models.layout import PhraseBinding, TokenLayout, box_to_token_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,8 +72,6 @@ def small_shape() -> Shape:
 
 def build_layout(shape: Shape, gen: torch.Generator):
     """One sample: image-pad runs for each reference, then instruction phrases bound to boxes in their reference."""
-    from cag.models.layout import PhraseBinding, TokenLayout, box_to_token_indices
-
     text_mask = torch.ones(1, shape.text, dtype=torch.bool)
     image_pad = torch.zeros(1, shape.text, dtype=torch.bool)
     vlm_tokens = max(4, (shape.text // 2) // max(1, shape.refs))
@@ -95,10 +100,6 @@ def sync(device: torch.device) -> None:
 
 def part1(shape: Shape, device: torch.device, dtype: torch.dtype, repeats: int) -> list[dict[str, float | str]]:
     """Forward+backward per attention mode; interleaved repeats so clock drift hits every mode alike."""
-    from diffusers import QwenImageTransformer2DModel
-
-    from cag.models.attention import CAGAttnProcessor, install_cag_attention
-
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the device: 4 real blocks are 1.4 B parameters
@@ -182,11 +183,6 @@ def part1(shape: Shape, device: torch.device, dtype: torch.dtype, repeats: int) 
 
 def part2(device: torch.device, steps: int = 2) -> float:
     """Two optimizer steps of ``model=tiny`` through CAGLightningModule and Lightning (``trainer=gpu`` on CUDA)."""
-    import hydra
-    from hydra import compose, initialize_config_dir
-
-    from cag.lightning_module import CAGLightningModule
-
     trainer_cfg = "gpu" if device.type == "cuda" else "cpu"
     overrides = [f"trainer={trainer_cfg}", f"trainer.max_steps={steps}", "data.batch_size=2",
                  f"data.epoch_batches={steps}", "data.val_samples=2"]

@@ -1,8 +1,7 @@
-"""src/make_data.py: the Hydra app writes shards plus a summary, refuses to mix runs, and reports bad input."""
+"""src/make_data.py (cag.make_data): the Hydra app writes shards plus a summary, refuses to mix runs, and reports bad input."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,13 +11,10 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
+from cag import make_data
 from cag.data.shards import iter_shard_samples
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("make_data", ROOT / "src" / "make_data.py")
-assert _spec is not None and _spec.loader is not None
-make_data = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_data)
 
 
 def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:

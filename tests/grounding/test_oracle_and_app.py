@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from cag import ground
 from cag.data.shards import iter_shard_samples
 from cag.data.synthetic import SyntheticConfig, generate_split
 from cag.grounding import GroundingPipeline, OracleBackend, PromptTemplates, build_report
@@ -21,14 +21,6 @@ from tests.fake_chat_api import OpenAICompatServer, Reply
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
-
-
-def load_ground_module() -> Any:
-    spec = importlib.util.spec_from_file_location("ground_app", ROOT / "src" / "ground.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def compose_cfg(overrides: list[str]) -> Any:
@@ -51,7 +43,6 @@ def test_oracle_reproduces_the_generator_groundings_exactly(split: str, seed: in
 
 
 def test_ground_app_writes_grounded_shards_report_overlays_and_mlflow_run_and_resumes(tmp_path) -> None:
-    ground = load_ground_module()
     out = tmp_path / "out"
     overrides = [
         "grounding=oracle",

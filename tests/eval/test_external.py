@@ -11,7 +11,6 @@ from typing import Any
 import mlflow
 import numpy as np
 import pytest
-import yaml
 from fake_batch_api import FakeBatchAPI
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
@@ -108,9 +107,14 @@ def test_export_writes_a_plain_folder_that_reads_back_as_the_same_samples(tmp_pa
 
 
 def test_export_and_evaluation_read_the_same_data_settings():
-    export = yaml.safe_load((ROOT / "conf" / "export.yaml").read_text())
-    evaluate_cfg = yaml.safe_load((ROOT / "conf" / "evaluate.yaml").read_text())
-    assert export["data"] == evaluate_cfg["data"] and export["n"] == evaluate_cfg["n"]
+    """The composed configs (the synthetic group included), not the YAML text, must agree on the samples."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        export = compose(config_name="export")
+        evaluate_cfg = compose(config_name="evaluate")
+    export_data = OmegaConf.to_container(export.data, resolve=True)
+    assert export_data == OmegaConf.to_container(evaluate_cfg.data, resolve=True)
+    assert export.n == evaluate_cfg.n
+    assert export_data["synthetic"]["image_size"] and export_data["split"] == "test"
 
 
 def test_external_images_missing_unreadable_named_others_resized_scored_and_tagged(tmp_path):

@@ -68,6 +68,13 @@ def test_experiments_override_only_what_changes(tmp_path):
     assert cfg.vae_dropout == 0.3
 
 
+def test_vae_dropout_defaults_to_the_model_configs_recommendation(tmp_path):
+    """The paper's 0.5 for the real model; the tiny model's own measured rate for the embedded default."""
+    assert _cfg(tmp_path).vae_dropout == _cfg(tmp_path).model.vae_dropout == 0.0
+    assert _cfg(tmp_path, "model=qwen_image_edit_2509").vae_dropout == 0.5
+    assert _cfg(tmp_path, "model=qwen_image_edit_2509_lora").vae_dropout == 0.5
+
+
 def test_flattened_params_drop_secret_keys():
     flat = flatten_config({"judge": {"api_key": "sk-123", "model": "gpt"}, "hf_token": "x", "lr": 1})
     assert flat == {"judge/model": "gpt", "lr": 1}
@@ -85,7 +92,7 @@ def test_train_logs_to_mlflow_saves_checkpoints_and_resumes_at_the_same_step(tmp
     runs = _runs(tmp_path)
     assert len(runs) == 1
     run = runs.iloc[0]
-    assert run["params.vae_dropout"] == "0.5" and run["params.attention"] == "masked"
+    assert run["params.vae_dropout"] == str(cfg.vae_dropout) and run["params.attention"] == "masked"
     assert run["tags.checkpoint/last"] == str(last)
     assert "metrics.train/loss" in runs.columns and "metrics.val/loss" in runs.columns
 

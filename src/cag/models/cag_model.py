@@ -78,10 +78,14 @@ class CAGModel(nn.Module):
         attention: str = "masked",
         ref_positions: str = "offset",
         scheduler_shift: float = 3.0,
+        prediction: str = "velocity",
     ) -> None:
         super().__init__()
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention={attention!r} is not one of {ATTENTION_MODES}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"model.prediction={prediction!r} is not one of {PREDICTIONS}")
+        self.prediction = prediction
         self.transformer = transformer
         self.vlm = vlm
         self.codec = codec
@@ -216,7 +220,19 @@ class CAGModel(nn.Module):
 
     # ------------------------------------------------------------------ denoising
     def predict(self, noisy_target: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """Velocity prediction for the target tokens only (reference tokens ride along clean)."""
+        """Velocity prediction for the target tokens only (reference tokens ride along clean).
+
+        Whatever ``prediction`` says the DiT's output means, this returns a velocity, so the
+        loss and the sampler are the same for both (docs/design.md, 'Output parametrisation').
+        """
+        if self.prediction == "preconditioned":
+            s = sigma.to(noisy_target.dtype).view(-1, 1, 1)
+            raw = self._dit(noisy_target * precondition_variance(s).rsqrt(), sigma, cond)
+            return preconditioned_velocity(raw, noisy_target, s)
+        return self._dit(noisy_target, sigma, cond)
+
+    def _dit(self, noisy_target: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The DiT's raw output on the target tokens."""
         layout = cond.layout
         hidden = noisy_target if cond.ref_tokens is None or not layout.refs_present else torch.cat(
             [noisy_target, cond.ref_tokens.to(noisy_target.dtype)], dim=1
@@ -303,6 +319,28 @@ class CAGModel(nn.Module):
 
 
 INITS = ("default", "adaln_zero")
+PREDICTIONS = ("velocity", "preconditioned")
+
+
+def precondition_variance(sigma: torch.Tensor) -> torch.Tensor:
+    """``D``: the variance of ``x_t = (1 - sigma) x0 + sigma noise`` for unit-variance latents and noise."""
+    return (1.0 - sigma) ** 2 + sigma**2
+
+
+def preconditioned_velocity(raw: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The velocity that a preconditioned DiT output ``raw`` stands for (``sigma`` broadcastable).
+
+    The preconditioned output (Karras et al.'s EDM scalings written for rectified flow, with
+    the codec's normalised latents taken as unit variance) reads the DiT's output ``F`` as
+    ``x0 = c_skip x_t + c_out F`` with ``c_skip = (1 - sigma) / D`` and ``c_out = sigma / sqrt(D)``,
+    and feeds it ``x_t / sqrt(D)``. The velocity ``(x_t - x0) / sigma`` then simplifies to
+    ``x_t (2 sigma - 1) / D - F / sqrt(D)``: no division by sigma, so sigma = 0 is safe.
+    At sigma = 1 the DiT predicts the clean latents themselves, so it never has to learn to
+    pass the noise through unchanged (the identity a velocity output needs there); a tiny
+    model trained for minutes leaks that noise into its first sampling steps otherwise.
+    """
+    d = precondition_variance(sigma)
+    return noisy * ((2.0 * sigma - 1.0) / d) - raw * d.rsqrt()
 
 
 def adaln_zero_init(transformer: QwenImageTransformer2DModel) -> None:
@@ -364,6 +402,7 @@ def build_cag_model(cfg: Any, attention: str = "masked", ref_positions: str = "o
     model = CAGModel(
         transformer, vlm, processor, codec, attention=attention, ref_positions=ref_positions,
         scheduler_shift=float(cfg.get("scheduler_shift", 3.0)),
+        prediction=str(cfg.get("prediction", "velocity")),
     )
     model.weights_id = str(source) if source is not None else f"random:{seed}"
     return model

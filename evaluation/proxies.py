@@ -450,6 +450,31 @@ def overall_score(pf: float, sc: float) -> float:
     return overall_per_sample(pf, sc)
 
 
+def proxy_parts(pf_details: dict[str, float], sc_details: dict[str, float], truth: Truth) -> dict[str, float | None]:
+    """Where a proxy score comes from: subjects against props (PF), subjects against the scene (SC).
+
+    Each part is the mean of its entities' per-entity scores in [0, 1] (None when the sample
+    has none). The headline PF and SC average subjects and props together, so a model that
+    copies the scene and its props but draws every subject wrong still scores about 4; these
+    parts say which half of the task a change moved. Reported beside the proxies, never
+    instead of them.
+    """
+    subjects = {s.name for s in truth.subjects}
+
+    def base(key: str) -> str:
+        return key.split(" #", 1)[0]
+
+    def mean(values: list[float]) -> float | None:
+        return float(np.mean(values)) if values else None
+
+    return {
+        "pf_subjects": mean([v for k, v in pf_details.items() if base(k) in subjects]),
+        "pf_props": mean([v for k, v in pf_details.items() if base(k) not in subjects]),
+        "sc_subjects": mean([v for k, v in sc_details.items() if base(k) in subjects]),
+        "sc_scene": mean([v for k, v in sc_details.items() if k == "scene"]),
+    }
+
+
 def proxy_scores(
     generated: Image.Image, references: Sequence[Image.Image], truth: Truth
 ) -> dict[str, float]:

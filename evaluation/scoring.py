@@ -23,6 +23,7 @@ from evaluation.external import ExternalImages
 from evaluation.proxies import (
     TruthError,
     prompt_following_details,
+    proxy_parts,
     proxy_scores,
     subject_consistency_details,
 )
@@ -173,9 +174,12 @@ def proxy_sample_scores(sample: Sample, image: Image.Image) -> tuple[dict[str, f
         if sample.truth is None:
             raise TruthError(f"sample {sample.key!r} has no truth")
         scores = proxy_scores(image, sample.references, sample.truth)
+        pf_details = prompt_following_details(image, sample.truth)
+        sc_details = subject_consistency_details(image, sample.references, sample.truth)
         details = {
-            "pf_per_entity": prompt_following_details(image, sample.truth),
-            "sc_per_subject": subject_consistency_details(image, sample.references, sample.truth),
+            "pf_per_entity": pf_details,
+            "sc_per_subject": sc_details,
+            "parts": proxy_parts(pf_details, sc_details, sample.truth),
         }
     except Exception as exc:  # TruthError and friends: recorded per sample, never turned into a score
         return {k: None for k in PROXY_KEYS}, {"proxy_error": f"{type(exc).__name__}: {exc}"}

@@ -16,6 +16,7 @@ from evaluation.proxies import (
     overall_score,
     prompt_following_details,
     prompt_following_proxy,
+    proxy_parts,
     proxy_scores,
     subject_consistency_details,
     subject_consistency_proxy,
@@ -160,6 +161,24 @@ def test_wrong_scene_colours_lower_the_scene_part_of_subject_consistency() -> No
     details = subject_consistency_details(Image.fromarray(img), REFS, TRUTH)
     assert details["scene"] <= 0.6
     assert details["Rin"] >= 0.9 and details["Kai"] >= 0.9
+
+
+def test_proxy_parts_separate_subjects_from_props_and_scene() -> None:
+    """Swapping the subjects moves only the subject parts; the prop and scene parts stay where they were."""
+    def parts(img: Image.Image) -> dict[str, float | None]:
+        return proxy_parts(prompt_following_details(img, TRUTH), subject_consistency_details(img, REFS, TRUTH), TRUTH)
+
+    good, swapped = parts(_render(128, RAW)), parts(_render(128, RAW, swap=True))
+    assert good["pf_subjects"] >= 0.9 and swapped["pf_subjects"] <= 0.1
+    assert good["pf_props"] == pytest.approx(swapped["pf_props"]) and good["pf_props"] >= 0.9
+    assert good["sc_scene"] >= 0.9 and swapped["sc_scene"] >= 0.9
+    no_props = copy.deepcopy(RAW)
+    no_props["scene"]["props"] = []
+    truth = Truth.from_dict(no_props)
+    img = _render(128, RAW)
+    assert proxy_parts(prompt_following_details(img, truth), subject_consistency_details(img, REFS, truth), truth)[
+        "pf_props"
+    ] is None
 
 
 def test_moving_a_prop_lowers_its_prompt_following() -> None:

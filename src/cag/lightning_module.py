@@ -24,7 +24,9 @@ import torch
 from diffusers.optimization import get_scheduler
 from omegaconf import DictConfig, OmegaConf
 
+from cag.data.cache import CachedConditioning
 from cag.models.cag_model import CAGModel, build_cag_model
+from cag.models.precompute import conditioning_records
 from cag.rng import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
@@ -57,12 +59,14 @@ class CAGLightningModule(L.LightningModule):
         seed: int = 0,
         max_nonfinite_steps: int = 5,
         ema_decay: float = 0.0,
+        conditioning_memo: int = 0,
     ) -> None:
         super().__init__()
         model, optim, loss = _container(model), _container(optim), _container(loss or {})
         self.save_hyperparameters(
             {"model": model, "optim": optim, "loss": loss, "attention": attention, "ref_positions": ref_positions,
-             "vae_dropout": vae_dropout, "text_dropout": text_dropout, "seed": seed, "ema_decay": ema_decay}
+             "vae_dropout": vae_dropout, "text_dropout": text_dropout, "seed": seed, "ema_decay": ema_decay,
+             "conditioning_memo": conditioning_memo}
         )
         self.model: CAGModel = build_cag_model(OmegaConf.create(model), attention=attention, ref_positions=ref_positions, seed=seed)
         self.vae_dropout, self.text_dropout = float(vae_dropout), float(text_dropout)
@@ -77,6 +81,10 @@ class CAGLightningModule(L.LightningModule):
         self.ema_decay = float(ema_decay)
         self.ema: dict[str, torch.Tensor] = {}  # name -> fp32 average; filled at the first optimizer step
         self.ema_updates = 0
+        if int(conditioning_memo) < 0:
+            raise ValueError(f"conditioning_memo={conditioning_memo} must be >= 0 (0 = off)")
+        self.conditioning_memo = int(conditioning_memo)
+        self._memo: dict[str, CachedConditioning] = {}  # sample key -> frozen VLM / codec outputs (this run only)
 
     # -------------------------------------------------------------- EMA
     def _trainable(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
@@ -150,7 +158,30 @@ class CAGLightningModule(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
 
+    def with_memoised_conditioning(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Attach the frozen VLM's and codec's outputs, computed the first time a sample is seen and kept.
+
+        Why: the VLM and codec are frozen, and the synthetic and manifest sources repeat the same
+        samples every epoch, so a run need not pay for them again (for the tiny model about 15 % of
+        a step; docs/design.md, 'Conditioning memo'). The training step then takes the same cached
+        path as shards written with a cache, and its loss is the same as encoding online. Keyed by
+        sample key, so it holds for one run; at most ``conditioning_memo`` samples are kept (0 = off).
+        Batches that already carry a cache (shards) are left alone.
+        """
+        if self.conditioning_memo <= 0 or "cached" in batch or "target_pixels" not in batch:
+            return batch
+        keys = list(batch["keys"])
+        if all(k in self._memo for k in keys):
+            return {**batch, "cached": [self._memo[k] for k in keys]}
+        cfg = self.hparams["model"]
+        records = conditioning_records(self.model, batch, keys, int(cfg["image_size"]), int(cfg["vlm_image_size"]))
+        for k, r in zip(keys, records, strict=True):
+            if len(self._memo) < self.conditioning_memo:
+                self._memo[k] = r
+        return {**batch, "cached": records}
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        batch = self.with_memoised_conditioning(batch)
         loss, info = self.model.training_loss(batch, vae_dropout=self.vae_dropout, text_dropout=self.text_dropout, **self.loss_cfg)
         bsz = batch["target_pixels"].shape[0]
         if not torch.isfinite(loss):

@@ -112,6 +112,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = CAGLightningModule(
         model=cfg.model, optim=cfg.optim, loss=cfg.loss, attention=cfg.attention, ref_positions=cfg.ref_positions,
         vae_dropout=cfg.vae_dropout, text_dropout=cfg.text_dropout, seed=cfg.seed, ema_decay=cfg.ema_decay,
+        conditioning_memo=cfg.conditioning_memo,
     )
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     avoid_double_checkpointing(cfg.trainer.get("strategy"), module.model.transformer)  # FSDP checkpoints blocks itself

@@ -103,15 +103,16 @@ def _cfg(tmp_path: Path, *overrides: str):
     return cfg
 
 
-@pytest.mark.parametrize("cached", [False, True])
-def test_train_from_shards_written_by_the_writer(tmp_path, tiny_cfg, tiny_model_factory, cached):
+@pytest.mark.parametrize(("cached", "memo"), [(False, "0"), (True, "0"), (False, "4096")])
+def test_train_from_shards_written_by_the_writer(tmp_path, tiny_cfg, tiny_model_factory, cached, memo):
     samples = list(generate_split("train", 8, SyntheticConfig(image_size=64, num_characters=2, seed=0)))
     if cached:  # cached at the sizes training uses, or the cache is (rightly) ignored
         samples = list(compute_cache(tiny_model_factory("masked", seed=0).eval(), copy.deepcopy(samples),
                                      int(tiny_cfg.image_size), int(tiny_cfg.vlm_image_size)))
     summary = write_shards(samples, str(tmp_path / "s" / "shard-%06d.tar"), maxcount=4)
     cfg = _cfg(tmp_path, "data=shards", f"data.urls=[{','.join(summary.shards)}]", "data.num_workers=0",
-               "data.batch_size=2", "data.epoch_batches=2", "trainer.max_steps=3")
+               "data.batch_size=2", "data.epoch_batches=2", "trainer.max_steps=3", f"conditioning_memo={memo}")
     result = train(cfg)
     assert result["global_step"] == 3 and Path(result["last_ckpt"]).exists()
-    assert result["train/cached_conditioning"] == float(cached)  # the cache was used when present
+    # the shard cache is used when present; without one, the run's memo supplies the same cached path
+    assert result["train/cached_conditioning"] == float(cached or memo != "0")

@@ -15,6 +15,7 @@ train_samples`` epochs in all).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -36,11 +37,14 @@ def _module(cfg, memo: int) -> tuple[CAGLightningModule, torch.optim.Optimizer]:
     return module, opt
 
 
-def _step(module: CAGLightningModule, opt: torch.optim.Optimizer, batch: dict) -> float:
+def _step(module: CAGLightningModule, opt: torch.optim.Optimizer, batch: dict, bf16: bool) -> float:
+    """One training step as Lightning runs it: memo lookup and loss under the trainer's autocast, then backward."""
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     start = time.perf_counter()
-    batch = module.with_memoised_conditioning(batch)
-    loss, _ = module.model.training_loss(batch, vae_dropout=module.vae_dropout, text_dropout=module.text_dropout,
-                                         **module.loss_cfg)
+    with amp:
+        batch = module.with_memoised_conditioning(batch)
+        loss, _ = module.model.training_loss(batch, vae_dropout=module.vae_dropout, text_dropout=module.text_dropout,
+                                             **module.loss_cfg)
     loss.backward()
     opt.step()
     opt.zero_grad()
@@ -68,14 +72,16 @@ def main() -> None:
     batches = [next(it) for _ in range(args.batches)]
     online, opt_online = _module(cfg, 0)
     memo, opt_memo = _module(cfg, int(cfg.conditioning_memo))
-    first = [_step(memo, opt_memo, b) for b in batches]  # fills the memo: the first epoch's cost
+    bf16 = "bf16" in str(cfg.trainer.get("precision", "32"))
+    first = [_step(memo, opt_memo, b, bf16) for b in batches]  # fills the memo: the first epoch's cost
     times: dict[str, list[float]] = {"online": [], "memo": []}
     for _ in range(args.repeats):
         for b in batches:
-            times["online"].append(_step(online, opt_online, b))
-            times["memo"].append(_step(memo, opt_memo, b))
+            times["online"].append(_step(online, opt_online, b, bf16))
+            times["memo"].append(_step(memo, opt_memo, b, bf16))
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"preset={args.preset} threads={torch.get_num_threads()} steps per variant={args.batches * args.repeats}")
+    print(f"preset={args.preset} threads={torch.get_num_threads()} bf16 autocast={bf16} "
+          f"steps per variant={args.batches * args.repeats}")
     print(f"{'online (baseline)':22s} {med['online'] * 1000:8.1f} ms  (IQR {iqr(times['online']) * 1000:.1f})")
     print(f"{'memo, first visit':22s} {statistics.median(first) * 1000:8.1f} ms  (n={len(first)}, before warm-up)")
     print(f"{'memo, later visits':22s} {med['memo'] * 1000:8.1f} ms  (IQR {iqr(times['memo']) * 1000:.1f})")

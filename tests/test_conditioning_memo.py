@@ -19,11 +19,12 @@ class _CountingEncoder:
     """Wraps the prompt encoder to count VLM passes; everything else goes to the real encoder."""
 
     def __init__(self, inner) -> None:
-        self.inner, self.calls = inner, 0
+        self.inner, self.calls, self.samples = inner, 0, 0
 
-    def encode(self, *args, **kwargs):
+    def encode(self, instructions, *args, **kwargs):
         self.calls += 1
-        return self.inner.encode(*args, **kwargs)
+        self.samples += len(instructions)
+        return self.inner.encode(instructions, *args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -58,6 +59,24 @@ def test_memoised_batches_train_on_the_online_loss_and_skip_the_vlm_after_the_fi
         assert info.pop("cached_conditioning") == 1.0
         assert info == {k: v for k, v in want_info.items() if k != "cached_conditioning"}
         assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_a_batch_mixing_seen_and_new_samples_encodes_only_the_new_ones(tiny_cfg, synthetic_samples):
+    """After the first epoch most batches mix both; recomputing whole batches would cost more than it saves."""
+    size, vlm_size = int(tiny_cfg.image_size), int(tiny_cfg.vlm_image_size)
+    memo = _module(tiny_cfg, memo=16)
+    online = _module(tiny_cfg, memo=0)
+    counter = _CountingEncoder(memo.model.prompt_encoder)
+    memo.model.prompt_encoder = counter
+    memo.with_memoised_conditioning(collate(synthetic_samples[:2], size, vlm_size))
+    counter.samples = 0
+    mixed = collate([synthetic_samples[3], synthetic_samples[0], synthetic_samples[2], synthetic_samples[1]], size, vlm_size)
+    out = memo.with_memoised_conditioning(mixed)
+    assert counter.samples == 2 * 2  # two new samples, instruction and blank instruction passes
+    assert [c.key for c in out["cached"]] == mixed["keys"]  # records in the batch's order
+    got, _ = _loss(memo, out, seed=5)
+    want, _ = _loss(online, mixed, seed=5)
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
 
 
 def test_memo_keeps_at_most_its_bound_and_leaves_cached_batches_alone(tiny_cfg, synthetic_samples):

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.loggers import MLFlowLogger
 from PIL import Image
 
-from cag.data.batching import to_image
+from cag.data.batching import select_samples, to_image
 from cag.sampling import SamplerConfig, sample_batch, sampler_from_settings
 from cag.utils.images import grid_image
 
@@ -32,15 +32,7 @@ ARTIFACT_DIR = "validation_grid"
 
 def first_samples(batch: dict[str, Any], n: int) -> dict[str, Any]:
     """The first ``n`` samples of a collated batch (lists and per-reference tensors sliced alike)."""
-    out: dict[str, Any] = {}
-    for k, v in batch.items():
-        if k == "ref_pixels":
-            out[k] = [p[:n] for p in v]
-        elif isinstance(v, torch.Tensor | list):
-            out[k] = v[:n]
-        else:
-            out[k] = v
-    return out
+    return select_samples(batch, list(range(min(n, len(batch["instructions"])))))
 
 
 class ValidationGrid(L.Callback):

@@ -24,6 +24,7 @@ import torch
 from diffusers.optimization import get_scheduler
 from omegaconf import DictConfig, OmegaConf
 
+from cag.data.batching import select_samples
 from cag.data.cache import CachedConditioning
 from cag.models.cag_model import CAGModel, build_cag_model
 from cag.models.precompute import conditioning_records
@@ -171,14 +172,18 @@ class CAGLightningModule(L.LightningModule):
         if self.conditioning_memo <= 0 or "cached" in batch or "target_pixels" not in batch:
             return batch
         keys = list(batch["keys"])
-        if all(k in self._memo for k in keys):
-            return {**batch, "cached": [self._memo[k] for k in keys]}
-        cfg = self.hparams["model"]
-        records = conditioning_records(self.model, batch, keys, int(cfg["image_size"]), int(cfg["vlm_image_size"]))
-        for k, r in zip(keys, records, strict=True):
-            if len(self._memo) < self.conditioning_memo:
-                self._memo[k] = r
-        return {**batch, "cached": records}
+        found = {i: self._memo[k] for i, k in enumerate(keys) if k in self._memo}
+        missing = [i for i in range(len(keys)) if i not in found]
+        if missing:  # only the samples not seen yet: a batch mixes both for most of the first epochs
+            cfg = self.hparams["model"]
+            part = select_samples(batch, missing)
+            records = conditioning_records(self.model, part, [keys[i] for i in missing], int(cfg["image_size"]),
+                                           int(cfg["vlm_image_size"]))
+            for i, r in zip(missing, records, strict=True):
+                found[i] = r
+                if len(self._memo) < self.conditioning_memo:
+                    self._memo[keys[i]] = r
+        return {**batch, "cached": [found[i] for i in range(len(keys))]}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         batch = self.with_memoised_conditioning(batch)

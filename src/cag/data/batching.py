@@ -64,6 +64,26 @@ def collate(samples: list[Sample], image_size: int, vlm_image_size: int) -> dict
     return batch
 
 
+def select_samples(batch: dict[str, Any], indices: list[int]) -> dict[str, Any]:
+    """The samples ``indices`` of a collated batch, in that order (lists and per-reference tensors alike).
+
+    Knows the batch layout :func:`collate` writes: ``ref_pixels`` is one tensor per reference,
+    every other tensor or list is per sample; anything else (counters) is kept as is.
+    """
+    idx = torch.as_tensor(indices, dtype=torch.long)
+    out: dict[str, Any] = {}
+    for k, v in batch.items():
+        if k == "ref_pixels":
+            out[k] = [p[idx.to(p.device)] for p in v]
+        elif isinstance(v, torch.Tensor):
+            out[k] = v[idx.to(v.device)]
+        elif isinstance(v, list):
+            out[k] = [v[i] for i in indices]
+        else:
+            out[k] = v
+    return out
+
+
 def bucket_batches(samples: Iterable[Sample], batch_size: int, drop_last: bool) -> Iterator[list[Sample]]:
     """Group consecutive samples by reference count into batches of ``batch_size``."""
     buckets: dict[int, list[Sample]] = {}

@@ -25,6 +25,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from cag.lightning_module import CAGLightningModule
+from experiments.benchmarks.spread import iqr
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,11 +50,6 @@ def _step(module: CAGLightningModule, opt: torch.optim.Optimizer, batch: dict, b
     opt.step()
     opt.zero_grad()
     return time.perf_counter() - start
-
-
-def iqr(xs: list[float]) -> float:
-    q = statistics.quantiles(xs, n=4)
-    return q[2] - q[0]
 
 
 def main() -> None:

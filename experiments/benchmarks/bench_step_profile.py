@@ -28,6 +28,7 @@ from hydra import compose, initialize_config_dir
 from cag.callbacks import first_samples
 from cag.lightning_module import CAGLightningModule
 from cag.sampling import sample_batch, sampler_from_settings
+from experiments.benchmarks.spread import iqr
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTS = ("data", "vlm", "codec", "dit_fwd", "dit_bwd", "optimizer")
@@ -106,11 +107,6 @@ class Preset:
         grid_s = time.perf_counter() - start
         return {"validation_s": val_s, "validation_every": int(cfg.data.epoch_batches),
                 "grid_s": grid_s, "grid_every": int(grid_cfg.every_n_steps)}
-
-
-def iqr(xs: list[float]) -> float:
-    q = statistics.quantiles(xs, n=4)
-    return q[2] - q[0]
 
 
 def main() -> None:

@@ -32,6 +32,12 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
+def iqr(values: list[float]) -> float:
+    """Interquartile range with statistics.quantiles' default (exclusive) method, as the step benchmarks print it."""
+    q = statistics.quantiles(values, n=4)
+    return q[2] - q[0]
+
+
 def bootstrap_median_ci(values: list[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
     """95 % percentile interval of the median (resampling rounds with replacement)."""
     rng = random.Random(seed)

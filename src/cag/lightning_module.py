@@ -163,8 +163,8 @@ class CAGLightningModule(L.LightningModule):
         """Attach the frozen VLM's and codec's outputs, computed the first time a sample is seen and kept.
 
         Why: the VLM and codec are frozen, and the synthetic and manifest sources repeat the same
-        samples every epoch, so a run need not pay for them again (for the tiny model about 15 % of
-        a step; docs/design.md, 'Conditioning memo'). The training step then takes the same cached
+        samples every epoch, so a run need not pay for them again (tiny model: 15 % of a step whose
+        samples are all memoised, 2 % of the default run; docs/design.md, 'Conditioning memo'). The training step then takes the same cached
         path as shards written with a cache, and its loss is the same as encoding online. Keyed by
         sample key, so it holds for one run; at most ``conditioning_memo`` samples are kept (0 = off).
         Batches that already carry a cache (shards) are left alone.

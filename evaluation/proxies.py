@@ -279,7 +279,12 @@ def prompt_following_details(generated: Image.Image, truth: Truth) -> dict[str, 
 
 def prompt_following_proxy(generated: Image.Image, truth: Truth) -> float:
     """0-10: is each subject and prop where the instruction puts it (colour placement, no judge)."""
-    return 10.0 * float(np.mean(list(prompt_following_details(generated, truth).values())))
+    return _score(prompt_following_details(generated, truth))
+
+
+def _score(details: dict[str, float]) -> float:
+    """A proxy from its per-entity details: 10 x their mean."""
+    return 10.0 * float(np.mean(list(details.values())))
 
 
 def _unique(existing: dict[str, float], name: str) -> str:
@@ -442,7 +447,7 @@ def subject_consistency_proxy(
     generated: Image.Image, references: Sequence[Image.Image], truth: Truth
 ) -> float:
     """0-10: does each subject keep its reference colours, and the image the scene's (no judge)."""
-    return 10.0 * float(np.mean(list(subject_consistency_details(generated, references, truth).values())))
+    return _score(subject_consistency_details(generated, references, truth))
 
 
 def overall_score(pf: float, sc: float) -> float:
@@ -479,6 +484,11 @@ def proxy_scores(
     generated: Image.Image, references: Sequence[Image.Image], truth: Truth
 ) -> dict[str, float]:
     """PF, SC and Overall proxies of one sample, keyed like the judge's scores so reports treat both alike."""
-    pf = prompt_following_proxy(generated, truth)
-    sc = subject_consistency_proxy(generated, references, truth)
+    return scores_from_details(prompt_following_details(generated, truth),
+                               subject_consistency_details(generated, references, truth))
+
+
+def scores_from_details(pf_details: dict[str, float], sc_details: dict[str, float]) -> dict[str, float]:
+    """:func:`proxy_scores` from details already computed (the evaluation stores both and scores each image once)."""
+    pf, sc = _score(pf_details), _score(sc_details)
     return {"pf": pf, "sc": sc, "overall": overall_score(pf, sc)}

@@ -24,7 +24,7 @@ from evaluation.proxies import (
     TruthError,
     prompt_following_details,
     proxy_parts,
-    proxy_scores,
+    scores_from_details,
     subject_consistency_details,
 )
 from evaluation.report import RunSummary, SampleResult, summarise
@@ -173,9 +173,9 @@ def proxy_sample_scores(sample: Sample, image: Image.Image) -> tuple[dict[str, f
     try:
         if sample.truth is None:
             raise TruthError(f"sample {sample.key!r} has no truth")
-        scores = proxy_scores(image, sample.references, sample.truth)
         pf_details = prompt_following_details(image, sample.truth)
         sc_details = subject_consistency_details(image, sample.references, sample.truth)
+        scores = scores_from_details(pf_details, sc_details)
         details = {
             "pf_per_entity": pf_details,
             "sc_per_subject": sc_details,

@@ -19,6 +19,7 @@ from cag.data.shards import write_shards
 from cag.data.synthetic import SyntheticConfig, generate_split
 from cag.lightning_module import NonFiniteTrainingError
 from cag.train import train
+from tests.manifests import write_training_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSSES: dict[str, dict[int, float]] = {}
@@ -40,7 +41,8 @@ class LossRecorder(L.Callback):
 
 def _cfg(tmp_path: Path, out: str, label: str, sigterm_at: int = -1, *overrides: str):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        val = ["+trainer.limit_val_batches=0"] if "data=shards" in overrides else ["data.val_samples=2"]
+        streamed = "data=shards" in overrides or "data=manifest" in overrides
+        val = ["+trainer.limit_val_batches=0"] if streamed else ["data.val_samples=2"]
         cfg = compose(config_name="train", overrides=["data.batch_size=2", "data.epoch_batches=5", *val,
                                                       "optim.warmup_steps=3", *overrides])
     with open_dict(cfg):
@@ -53,35 +55,56 @@ def _cfg(tmp_path: Path, out: str, label: str, sigterm_at: int = -1, *overrides:
 
 
 @pytest.fixture(scope="module")
-def train_shards(tmp_path_factory) -> str:
-    """Six shards of four samples: with resampling and a shuffle buffer, the order depends on the seeds."""
-    out = tmp_path_factory.mktemp("resume_shards")
+def train_data(tmp_path_factory) -> dict[str, str]:
+    """24 samples as six shards of four (resampled and shuffled, the order depends on the seeds) and as a manifest."""
+    out = tmp_path_factory.mktemp("resume_data")
     samples = generate_split("train", 24, SyntheticConfig(image_size=64, num_characters=2, seed=0))
     summary = write_shards(samples, str(out / "shard-%06d.tar"), maxcount=4)
-    return f"[{','.join(summary.shards)}]"
+    manifest = write_training_manifest(generate_split("train", 24, SyntheticConfig(image_size=64, num_characters=2,
+                                                                                    seed=0)), out / "manifest")
+    return {"shards": f"[{','.join(summary.shards)}]", "manifest": str(manifest)}
 
 
-@pytest.mark.parametrize("source", ["synthetic", "shards"])
-def test_sigterm_mid_epoch_then_resume_reproduces_the_uninterrupted_loss_curve(tmp_path, request, source):
-    data = [] if source == "synthetic" else [
-        "data=shards", f"data.urls={request.getfixturevalue('train_shards')}", "data.num_workers=2",
-        "data.shuffle_buffer=8"]
-    run = (source, tmp_path)
-    train(_cfg(tmp_path, "full", f"full-{run}", -1, "trainer.max_steps=12", *data))
+# (source, loader workers, conditioning memo, global step of the SIGTERM). Epochs are 5 batches, cut to a
+# multiple of the worker count (2 workers: 4, 3 workers: 3), so the stops cover the first batch of an epoch,
+# odd and even positions inside one, and its last batch, for each worker count.
+STOPS = [
+    ("synthetic", 0, 4096, 7), ("synthetic", 0, 4096, 10), ("synthetic", 2, 4096, 7),
+    ("shards", 2, 4096, 5), ("shards", 2, 4096, 6), ("shards", 2, 4096, 7), ("shards", 2, 4096, 8),
+    ("shards", 2, 0, 5), ("shards", 3, 4096, 5), ("manifest", 2, 4096, 9),
+]
+
+
+@pytest.mark.parametrize(("source", "workers", "memo", "stop"), STOPS)
+def test_sigterm_mid_epoch_then_resume_reproduces_the_uninterrupted_loss_curve(tmp_path, train_data, source, workers,
+                                                                                memo, stop):
+    data = [f"conditioning_memo={memo}"]
+    if source == "shards":
+        data += ["data=shards", f"data.urls={train_data['shards']}", "data.shuffle_buffer=8"]
+    elif source == "manifest":
+        data += ["data=manifest", f"data.manifest={train_data['manifest']}"]
+    data.append(f"data.num_workers={workers}")
+    full_label = f"full-{source}-{workers}-{memo}"
+    if full_label not in LOSSES:  # one uninterrupted run serves every stop of the same data
+        train(_cfg(tmp_path, "full", full_label, -1, "trainer.max_steps=12", *data))
+    run = (source, workers, memo, stop, tmp_path)
     with pytest.raises(SystemExit):  # Lightning's SIGTERMException
-        train(_cfg(tmp_path, "cut", f"cut-{run}", 7, "trainer.max_steps=12", *data))
+        train(_cfg(tmp_path, "cut", f"cut-{run}", stop, "trainer.max_steps=12", *data))
     last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
-    assert ckpt["global_step"] == 7  # saved at the interruption, mid-epoch (epochs are 5 steps)
-    # where the data stream resumes: epoch 1 after 2 of its batches (with 2 workers x 2 batches, 4-batch epochs: 3)
-    assert ckpt["CAGDataModule"] == {"epoch": 1, "batches_done": 2 if source == "synthetic" else 3}
+    assert ckpt["global_step"] == stop  # saved at the interruption
+    epoch_len = 5 if workers == 0 else 5 // workers * workers
+    # the data position: after an epoch's last batch, the start of the next
+    assert ckpt["CAGDataModule"] == {"epoch": stop // epoch_len, "batches_done": stop % epoch_len}
     result = train(_cfg(tmp_path, "cut", f"resumed-{run}", -1, "trainer.max_steps=12", f"ckpt_path={last}", *data))
     assert result["global_step"] == 12
-    full, resumed = LOSSES[f"full-{run}"], LOSSES[f"resumed-{run}"]
-    assert sorted(resumed) == list(range(8, 13))  # continues at the same global step
+    full, resumed = LOSSES[full_label], LOSSES[f"resumed-{run}"]
+    assert sorted(resumed) == list(range(stop + 1, 13))  # continues at the same global step
     for step in resumed:
-        # same weights, optimizer/scheduler state, RNG draws and data order -> the same losses
-        assert resumed[step] == pytest.approx(full[step], rel=1e-4, abs=1e-5), step
+        # same weights, optimizer/scheduler state, RNG draws and data order -> the same losses, up to bf16 noise
+        # (measured up to 1.2e-4 relative: the memo's conditioning, encoded in another batch); another batch
+        # in the same place moves the loss by several per cent
+        assert resumed[step] == pytest.approx(full[step], rel=1e-3, abs=1e-5), step
 
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_after_k(tmp_path, monkeypatch):
@@ -134,27 +157,50 @@ def test_a_skipped_step_does_not_advance_the_lr_schedule(tmp_path, monkeypatch, 
     assert LR_STEPS[label] == [1, 1, 1, 2, 3, 4]
 
 
+def _losses(db: Path) -> dict[str, dict[int, float]]:
+    """train/loss per step of every run in an MLflow store, by run name."""
+    from mlflow.tracking import MlflowClient  # loads mlflow, which only this slow test needs
+
+    client = MlflowClient(f"sqlite:///{db}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    return {r.info.run_name: {m.step: m.value for m in client.get_metric_history(r.info.run_id, "train/loss")}
+            for r in runs}
+
+
 @pytest.mark.slow
-def test_hard_kill_after_a_periodic_checkpoint_resumes_from_it(tmp_path):
+def test_hard_kill_after_a_periodic_checkpoint_resumes_from_it_on_the_same_batches(tmp_path, train_data):
+    """SIGKILL leaves only the periodic last.ckpt (every 3 steps, so odd data positions too, with 2 workers
+    over shards); the resumed run must then train on what the uninterrupted run trained on."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}"}
-    out = tmp_path / "run"
-    args = [sys.executable, str(ROOT / "src" / "train.py"), "trainer.max_steps=200", "data.batch_size=2",
-            "trainer.enable_progress_bar=false", "callbacks.last_checkpoint.every_n_steps=5",
-            f"hydra.run.dir={out}"]
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = out / "checkpoints" / "last.ckpt"
+    common = ["data=shards", f"data.urls={train_data['shards']}", "data.num_workers=2", "data.batch_size=2",
+              "data.epoch_batches=5", "+trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
+              "trainer.log_every_n_steps=1", "callbacks.last_checkpoint.every_n_steps=3"]
+
+    def cmd(name: str, steps: int, *extra: str) -> list[str]:
+        return [sys.executable, str(ROOT / "src" / "train.py"), f"trainer.max_steps={steps}", *common,
+                f"logger.mlflow.run_name={name}", f"hydra.run.dir={tmp_path / name}", *extra]
+
+    proc = subprocess.Popen(cmd("killed", 200), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
-    while time.time() < deadline and not (last.exists() and _step(last) >= 10):
-        time.sleep(0.5)
+    while time.time() < deadline and not (last.exists() and _step(last) >= 9):
+        time.sleep(0.2)
     proc.kill()  # SIGKILL: no chance to save anything
     proc.wait()
     step = _step(last)
-    assert step >= 10 and step % 5 == 0
-    resumed = subprocess.run([*args[:2], f"trainer.max_steps={step + 5}", *args[3:-1], f"ckpt_path={last}",
-                              f"hydra.run.dir={tmp_path / 'resumed'}"], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert _step(tmp_path / "resumed" / "checkpoints" / "last.ckpt") == step + 5
+    assert step >= 9 and step % 3 == 0
+    end = step + 7
+    for name, extra in (("resumed", [f"ckpt_path={last}"]), ("uninterrupted", [])):
+        done = subprocess.run(cmd(name, end, *extra), cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert _step(tmp_path / "resumed" / "checkpoints" / "last.ckpt") == end
+    losses = _losses(tmp_path / "mlruns.db")
+    resumed, full = losses["resumed"], losses["uninterrupted"]
+    assert sorted(resumed) == list(range(step, end))  # Lightning logs step k's loss at step index k - 1
+    for k in resumed:
+        assert resumed[k] == pytest.approx(full[k], rel=1e-3, abs=1e-5), k
 
 
 def _step(path: Path) -> int:

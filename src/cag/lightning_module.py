@@ -151,11 +151,6 @@ class CAGLightningModule(L.LightningModule):
     # moving a batch to the device is the data module's job (it knows the batch layout):
     # see CAGDataModule.transfer_batch_to_device
 
-    def on_train_epoch_start(self) -> None:
-        ds = getattr(self.trainer.train_dataloader, "dataset", None)
-        if hasattr(ds, "set_epoch"):  # not called when Lightning resumes mid-epoch: see CAGDataModule.state_dict
-            ds.set_epoch(self.current_epoch)
-
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 from webdataset.shardlists import expand_urls
 from webdataset.utils import make_seed, pytorch_worker_info
 
@@ -31,21 +31,29 @@ from cag.utils.plain import plain
 
 log = logging.getLogger(__name__)
 
-def _shard_index() -> tuple[int, int]:
-    """(this reader's index, number of readers) over DDP ranks x DataLoader workers, as webdataset splits shards."""
+def reader_role(skip_batches: int = 0) -> tuple[int, int, int, int]:
+    """(rank, world size, worker role, workers): which part of an epoch's stream this reader produces.
+
+    Why a role rather than the worker id: the DataLoader takes batches round-robin starting at
+    worker 0, so in an epoch read from its start, worker ``w`` makes the epoch's batches
+    ``w, w + n, ...``. A run resumed after ``skip_batches`` batches must hand over batch
+    ``skip_batches`` first, which belongs to worker ``skip_batches % n``; so worker ``w`` of the
+    resumed loader plays worker ``(w + skip_batches) % n``'s part (its samples, its shard seed,
+    its batches). With ``skip_batches`` a multiple of ``n`` (or one worker) role and id coincide.
+    """
     rank, world, worker, num_workers = pytorch_worker_info()
-    return rank * num_workers + worker, world * num_workers
+    return rank, world, (worker + skip_batches) % num_workers, num_workers
 
 
-def reader_seed(seed: int, epoch: int) -> int:
-    """Seed of this reader's shard stream: a function of (run seed, epoch, rank, worker) only.
+def reader_seed(seed: int, epoch: int, skip_batches: int = 0) -> int:
+    """Seed of this reader's shard stream: a function of (run seed, epoch, rank, worker role) only.
 
     The same inputs give the same shard draws and sample shuffle, so a run repeats, and a
     resumed run regenerates the interrupted epoch's stream and skips what it already
     trained on (as the synthetic and manifest sources do with their epoch order).
     """
-    rank, _, worker, _ = pytorch_worker_info()
-    return make_seed(int(seed), int(epoch), rank, worker)
+    rank, _, role, _ = reader_role(skip_batches)
+    return make_seed(int(seed), int(epoch), rank, role)
 
 
 class SampleStream(IterableDataset):
@@ -58,13 +66,16 @@ class SampleStream(IterableDataset):
         self.skip_batches = 0
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Per-epoch reproducible order; ``skip_batches`` drops the batches a resumed run already trained on."""
-        self.epoch = epoch
-        self.skip_batches = skip_batches
+        """Place the training stream at batch ``skip_batches`` of data epoch ``epoch`` (the data module's position).
+
+        Training moves the position itself; this is for reading a stream by hand.
+        """
+        self.dm.position = (int(epoch), int(skip_batches))
 
     def _samples(self) -> Iterator[Sample]:
         dm = self.dm
-        me, readers = _shard_index()
+        rank, world, role, workers = reader_role(self.skip_batches if self.train else 0)
+        me, readers = rank * workers + role, world * workers  # as webdataset splits shards over ranks x workers
         if dm.source == "synthetic":
             cfg = dm.sample_source.synthetic
             for i in self._indices(dm.train_samples if self.train else dm.val_samples, me, readers):
@@ -82,7 +93,7 @@ class SampleStream(IterableDataset):
                 split_by_node=True,
                 split_by_worker=True,
                 on_error=dm.record_skip,
-                seed=reader_seed(dm.seed, self.epoch) if self.train else dm.seed,
+                seed=reader_seed(dm.seed, self.epoch, self.skip_batches) if self.train else dm.seed,
             )
             self._stats = pipeline.stats
             yield from pipeline
@@ -102,15 +113,17 @@ class SampleStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         dm = self.dm
+        # an iterator starts where training stands: a fresh epoch, or mid-epoch after a resume. Read here,
+        # when the loader starts an epoch (in the main process, or the copy each worker gets)
+        self.epoch, self.skip_batches = dm.position if self.train else (0, 0)
         self._stats = None
         reported = 0
         batches = bucket_batches(self._samples(), dm.batch_size, drop_last=self.train)
         if self.train:
-            # DataLoader takes batches from workers round-robin: worker w made batches w, w+n, ... of the epoch
-            info = get_worker_info()
-            wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-            per_worker = max(1, dm.epoch_batches // nw)
-            done = len(range(wid, self.skip_batches, nw))
+            # the epoch's batch b comes from role b % n; this reader skips what its role already made
+            _, _, role, nw = reader_role(self.skip_batches)
+            per_worker = dm.batches_per_epoch() // nw
+            done = len(range(role, self.skip_batches, nw))
             batches = itertools.islice(batches, done, per_worker)
         for b in batches:
             batch = collate(b, dm.image_size, dm.vlm_image_size)
@@ -157,8 +170,8 @@ class CAGDataModule(L.LightningDataModule):
         self.manifest, self.val_manifest = manifest, val_manifest
         self.manifest_samples: list[Sample] = []
         self.skipped: list[tuple[str, str, str]] = []
-        self.trained_position = (0, 0)  # (epoch, training batches handed to the model in it)
-        self._resume_position: tuple[int, int] | None = None
+        # (data epoch, training batches of it handed to the model); always short of a whole epoch
+        self.position = (0, 0)
 
     def transfer_batch_to_device(self, batch: dict[str, Any], device: torch.device, dataloader_idx: int) -> dict[str, Any]:
         """Only pixel tensors travel; PIL images and groundings stay on the host for the VLM processor.
@@ -171,6 +184,12 @@ class CAGDataModule(L.LightningDataModule):
         if "target_pixels" in batch:
             out["target_pixels"] = batch["target_pixels"].to(device)
         return out
+
+    def batches_per_epoch(self) -> int:
+        """Training batches per rank in one epoch: ``epoch_batches`` cut to a multiple of the loader workers
+        (each worker makes the same number, at least one)."""
+        workers = max(1, self.num_workers)
+        return max(1, self.epoch_batches // workers) * workers
 
     def record_skip(self, shard: str, key: str, reason: str) -> None:
         self.skipped.append((shard, key, reason))
@@ -195,32 +214,31 @@ class CAGDataModule(L.LightningDataModule):
         )
 
     # Mid-epoch resume through Lightning's public data-module hooks: state_dict() is stored in
-    # every checkpoint, load_state_dict() runs before train_dataloader() when a run resumes.
-    # The position counts batches handed to the model, not batches the loader produced, because
-    # Lightning fetches one batch ahead of the one it trains on.
+    # every checkpoint, load_state_dict() runs before the training loader is iterated when a run
+    # resumes. The position counts batches handed to the model, not batches the loader produced,
+    # because Lightning fetches one batch ahead of the one it trains on. The data epoch is the
+    # data module's own count (every epoch is batches_per_epoch() batches), not Lightning's epoch:
+    # a run stopped on an epoch's last batch resumes with Lightning's counter one epoch ahead.
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         trainer = self.trainer
         if trainer is not None and trainer.training:
-            epoch, done = self.trained_position
-            now = trainer.current_epoch
-            self.trained_position = (now, done + 1 if epoch == now else 1)
+            self.position = self._normalised(self.position[0], self.position[1] + 1)
         return batch
 
+    def _normalised(self, epoch: int, done: int) -> tuple[int, int]:
+        per_epoch = self.batches_per_epoch()
+        return epoch + done // per_epoch, done % per_epoch
+
     def state_dict(self) -> dict[str, Any]:
-        epoch, done = self.trained_position
+        epoch, done = self.position
         return {"epoch": epoch, "batches_done": done}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.trained_position = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
-        self._resume_position = self.trained_position
+        self.position = self._normalised(int(state_dict["epoch"]), int(state_dict["batches_done"]))
 
     def train_dataloader(self) -> DataLoader:
-        loader = self._loader("train", True)
-        if self._resume_position is not None:  # a resumed run: same epoch order, minus the batches already trained on
-            loader.dataset.set_epoch(*self._resume_position)
-            self._resume_position = None
-        return loader
+        return self._loader("train", True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val" if self.source == "synthetic" else "train", False)

@@ -21,7 +21,10 @@ from PIL import Image
 from cag.data.sample import Sample
 from evaluation.external import ExternalImages
 from evaluation.proxies import (
+    BINDING_OUTCOMES,
     TruthError,
+    binding_details,
+    binding_rates,
     prompt_following_details,
     proxy_parts,
     scores_from_details,
@@ -180,6 +183,7 @@ def proxy_sample_scores(sample: Sample, image: Image.Image) -> tuple[dict[str, f
             "pf_per_entity": pf_details,
             "sc_per_subject": sc_details,
             "parts": proxy_parts(pf_details, sc_details, sample.truth),
+            "binding": binding_details(image, sample.truth),
         }
     except Exception as exc:  # TruthError and friends: recorded per sample, never turned into a score
         return {k: None for k in PROXY_KEYS}, {"proxy_error": f"{type(exc).__name__}: {exc}"}
@@ -324,8 +328,35 @@ def summary_rows(
             v = proxy_row.metrics.get(k)
             if v is not None:
                 headline[METRIC_NAMES[f"proxy_{k}"]] = float(v)
+    if proxy_row is not None:
+        headline.update(proxy_breakdown(results))
     for k in JUDGE_KEYS:
         valid, total = main_row.coverage.get(k, (0, len(results)))
         if k not in skipped:
             headline[f"coverage_{METRIC_NAMES[k]}"] = valid / total if total else 0.0
     return rows, headline
+
+
+# proxy parts (0-10, as the proxies) and binding rates (0-1) in the headline: MLflow metrics and summary.json
+PART_METRICS = {"pf_subjects": "proxy_PF_subjects", "pf_props": "proxy_PF_props",
+                "sc_subjects": "proxy_SC_subjects", "sc_scene": "proxy_SC_scene"}
+
+
+def proxy_breakdown(results: Sequence[SampleResult]) -> dict[str, float]:
+    """Where the proxies come from, over the run: the mean of each part, and the binding rates.
+
+    Parts average the samples that have that part; binding pools every subject of the samples
+    with two or more (``evaluation.proxies.binding_details``). Absent ones are left out.
+    """
+    proxies = [(r.details or {}).get("proxy") or {} for r in results]
+    proxies = [p for p in proxies if "parts" in p]
+    out: dict[str, float] = {}
+    for part, name in PART_METRICS.items():
+        values = [p["parts"][part] for p in proxies if p["parts"].get(part) is not None]
+        if values:
+            out[name] = 10.0 * sum(values) / len(values)
+    rates = binding_rates([p.get("binding") or {} for p in proxies])
+    for outcome in BINDING_OUTCOMES:
+        if rates[outcome] is not None:
+            out[f"proxy_{outcome}"] = float(rates[outcome])  # type: ignore[arg-type]
+    return out

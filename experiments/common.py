@@ -59,7 +59,11 @@ SUMMARY_EXPERIMENT = "cag-experiments"
 MISSING = "—"
 JUDGE_METRICS = ("PF", "SC", "Overall")
 PROXY_METRICS = ("proxy_PF", "proxy_SC", "proxy_Overall")
-ALL_METRICS = (*JUDGE_METRICS, *PROXY_METRICS)
+# where the proxies come from (0-10) and the binding rates (0-1), per sample from results.jsonl's details
+PART_METRICS = {"pf_subjects": "proxy_PF_subjects", "sc_subjects": "proxy_SC_subjects",
+                "pf_props": "proxy_PF_props", "sc_scene": "proxy_SC_scene"}
+BINDING_METRICS = ("bound", "swapped")
+ALL_METRICS = (*JUDGE_METRICS, *PROXY_METRICS, *PART_METRICS.values(), *BINDING_METRICS)
 # per-sample score keys of evaluation/runner.py's results.jsonl -> the metric names of the tables and MLflow
 RESULT_KEYS = {"pf": "PF", "sc": "SC", "overall": "Overall",
                "proxy_pf": "proxy_PF", "proxy_sc": "proxy_SC", "proxy_overall": "proxy_Overall"}
@@ -82,11 +86,17 @@ class Config:
     label: str
     overrides: tuple[str, ...] = ()
     paper: tuple[float, float, float] | None = None
+    # rows that differ in more than attention and dropout (the ladder's benchmark levels): the MLflow params
+    # that tell their runs apart, and the evaluation overrides that test each on its own benchmark
+    params: tuple[tuple[str, str], ...] = ()
+    eval_overrides: tuple[str, ...] = ()
 
     def matches(self, params: Mapping[str, str]) -> bool:
         try:
             dropout = float(params.get("vae_dropout", "nan"))
         except ValueError:
+            return False
+        if any(params.get(k) != v for k, v in self.params):
             return False
         return params.get("attention") == self.attention and math.isclose(dropout, self.vae_dropout)
 
@@ -530,11 +540,24 @@ def load_results(tracking_uri: str, runs: Sequence[TrainedRun], metric_prefix: s
             scores = {name: rec.scores.get(k) for k, name in RESULT_KEYS.items()}
             if scores["Overall"] is None and scores["PF"] is not None and scores["SC"] is not None:
                 scores["Overall"] = overall_per_sample(scores["PF"], scores["SC"])
+            scores.update(breakdown_scores(rec))
             r.samples[rec.key] = scores
             r.task_types[rec.key] = rec.task_type
             r.images[rec.key] = rec.generated or ""
             r.references[rec.key] = list(rec.references)
             r.instructions[rec.key] = rec.instruction
+
+
+def breakdown_scores(rec: SampleResult) -> dict[str, float | None]:
+    """A sample's proxy parts (0-10) and binding rates (share of its subjects; None with fewer than two)."""
+    proxy = (rec.details or {}).get("proxy") or {}
+    parts = proxy.get("parts") or {}
+    out: dict[str, float | None] = {
+        name: (10.0 * float(parts[k]) if parts.get(k) is not None else None) for k, name in PART_METRICS.items()}
+    outcomes = list((proxy.get("binding") or {}).values())
+    for k in BINDING_METRICS:
+        out[k] = outcomes.count(k) / len(outcomes) if outcomes else None
+    return out
 
 
 # --------------------------------------------------------------------------- statistics
@@ -619,7 +642,9 @@ def statistics_note(st: Mapping[str, Any], runs: Sequence[TrainedRun]) -> str:
         ("PF / SC / Overall: MLLM judge, 0-10." if judge else
          "PF / SC / Overall: MLLM judge not run (no OPENAI_API_KEY and no judge base_url; see the evaluation runs' "
          "skipped/* tags)."),
-        "proxy_*: judge-free proxies of the synthetic benchmark, 0-10.",
+        "proxy_*: judge-free proxies of the synthetic benchmark, 0-10 (_subjects / _props / _scene: their parts); "
+        "bound / swapped: share of the subjects of two-or-more-subject samples wearing their own / another's "
+        "reference colours (0-1).",
     ]
     return " ".join(p for p in parts if p)
 
@@ -704,7 +729,7 @@ def write_paired_table(stem: Path, st: Mapping[str, Any], extra_note: str = "") 
 
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, stats.Estimate):
-        return obj.to_json()
+        return _jsonable(obj.to_json())  # a metric no sample of a row has (binding with one subject): NaN -> null
     if isinstance(obj, Mapping):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
@@ -900,7 +925,6 @@ def run_pipeline(
     args.out = out
     seeds = list(range(args.seeds))
     sweep_dir = Path(args.from_sweep).resolve() if args.from_sweep is not None else out / "train"
-    overrides = [*eval_overrides, *args.eval_override]
     done = {"trained": 0, "resumed": 0, "skipped": 0, "evaluated": 0, "eval_skipped": 0}
     start = time.perf_counter()
     for job in plan_jobs(configs, seeds, sweep_dir):
@@ -908,6 +932,7 @@ def run_pipeline(
             done[ensure_trained(job, args, name)] += 1
         if not args.skip_eval:
             run = find_run(args.tracking_uri, sweep_dir, job.config, job.seed)
+            overrides = [*eval_overrides, *job.config.eval_overrides, *args.eval_override]
             ran = ensure_evaluated(run, args, out, metric_prefix, overrides)
             done["evaluated" if ran else "eval_skipped"] += 1
     runs = sweep_runs(args.tracking_uri, sweep_dir, configs, seeds)

@@ -4,7 +4,8 @@
 
 Reads each run's ``results.jsonl`` (written by ``python evaluation/run.py``) and prints the
 headline proxies beside their parts (``evaluation.proxies.proxy_parts``): PF of the subjects,
-PF of the props, SC of the subjects and SC of the scene, each on the 0-10 scale with a
+PF of the props, SC of the subjects and SC of the scene, each on the 0-10 scale, and the binding
+rates (bound / swapped / missing, `evaluation.proxies.binding_details`), each with a
 bootstrap interval over test samples. Why it exists: the headline averages subjects and props
 together, so copying the scene reference alone scores about 3.6 while a subject that is drawn
 entirely wrong costs only part of the score; the parts show which half of the task moved.
@@ -23,6 +24,7 @@ from experiments.stats import bootstrap
 
 PARTS = ("pf_subjects", "pf_props", "sc_subjects", "sc_scene")
 HEADLINE = ("proxy_pf", "proxy_sc", "proxy_overall")
+BINDING = ("bound", "swapped", "missing")  # share of a sample's subjects (0-1; NaN with one subject)
 
 
 def read_parts(eval_dir: Path) -> dict[str, np.ndarray]:
@@ -30,7 +32,7 @@ def read_parts(eval_dir: Path) -> dict[str, np.ndarray]:
     path = eval_dir / "results.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no results.jsonl (run `python evaluation/run.py` first)")
-    rows: dict[str, list[float]] = {k: [] for k in (*HEADLINE, *PARTS)}
+    rows: dict[str, list[float]] = {k: [] for k in (*HEADLINE, *PARTS, *BINDING)}
     for line_no, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -45,18 +47,24 @@ def read_parts(eval_dir: Path) -> dict[str, np.ndarray]:
         for k in PARTS:
             v = proxy["parts"].get(k)
             rows[k].append(10.0 * float(v) if v is not None else float("nan"))
+        outcomes = list((proxy.get("binding") or {}).values())  # results from before the binding metric: none
+        for k in BINDING:
+            rows[k].append(outcomes.count(k) / len(outcomes) if outcomes else float("nan"))
     if not rows["proxy_overall"]:
         raise ValueError(f"{path}: no sample has proxy scores")
     return {k: np.asarray(v, dtype=float) for k, v in rows.items()}
 
 
 def breakdown_table(runs: dict[str, dict[str, np.ndarray]]) -> str:
-    cols = (*HEADLINE, *PARTS)
+    cols = (*HEADLINE, *PARTS, *BINDING)
     head = "| run | n | " + " | ".join(cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
     for label, values in runs.items():
         cells = []
         for k in cols:
+            if np.isnan(values[k]).all():
+                cells.append("—")
+                continue
             est = bootstrap(values[k][None, :])
             cells.append(f"{est.mean:.2f} [{est.lo:.2f}, {est.hi:.2f}]")
         lines.append(f"| {label} | {len(values['proxy_overall'])} | " + " | ".join(cells) + " |")

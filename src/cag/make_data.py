@@ -35,7 +35,8 @@ def _synthetic(cfg: DictConfig) -> tuple[Iterator[Sample], int, list[dict[str, s
     num_characters: Any = cfg.num_characters
     if OmegaConf.is_list(num_characters):
         num_characters = list(num_characters)
-    syn = SyntheticConfig(image_size=cfg.image_size, num_characters=num_characters, seed=cfg.seed)
+    syn = SyntheticConfig(image_size=cfg.image_size, num_characters=num_characters, seed=cfg.seed,
+                          place=cfg.place, shot=cfg.shot, describe_colours=cfg.describe_colours)
     try:
         syn.check()
     except ValueError as exc:
@@ -124,7 +125,8 @@ def run(cfg: DictConfig) -> WriteSummary:
     if cfg.source == "synthetic":
         report["synthetic"] = {"image_size": cfg.image_size, "seed": cfg.seed,
                                "num_characters": OmegaConf.to_container(cfg.num_characters)
-                               if OmegaConf.is_list(cfg.num_characters) else cfg.num_characters}
+                               if OmegaConf.is_list(cfg.num_characters) else cfg.num_characters,
+                               "place": cfg.place, "shot": cfg.shot, "describe_colours": cfg.describe_colours}
     else:
         report["manifest"] = to_absolute_path(str(cfg.manifest))
     if cfg.get("cache"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from cag.data.sample import validate_grounding
 from cag.data.synthetic import SyntheticConfig, characters, generate_sample, generate_split
 
 CFG = SyntheticConfig(image_size=96, num_characters=[1, 3], seed=3)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +235,11 @@ def test_300_sample_test_split_at_128px_is_quick_with_unique_dotless_keys():
         ({"num_characters": 4}, "num_characters"),
         ({"num_characters": [2, 1]}, "num_characters"),
         ({"num_characters": [0, 2]}, "num_characters"),
+        ({"num_characters": 1, "place": "side"}, "place"),
+        ({"num_characters": 2, "place": "centre"}, "place"),
+        ({"shot": "wide"}, "shot"),
+        ({"num_characters": 3, "shot": "close-up"}, "shot"),
+        ({"describe_colours": "no"}, "describe_colours"),
     ],
 )
 def test_bad_config_is_refused_naming_the_field(kwargs, culprit):
@@ -243,3 +250,56 @@ def test_bad_config_is_refused_naming_the_field(kwargs, culprit):
 def test_unknown_split_is_refused_naming_it():
     with pytest.raises(ValueError, match="'dev'"):
         generate_sample("dev", 0, CFG)
+
+
+def _level(k: int, **changes) -> SyntheticConfig:
+    from omegaconf import OmegaConf
+
+    from cag.data.sources import synthetic_config
+
+    return synthetic_config({**OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "synthetic" / f"level{k}.yaml")),
+                             **changes})
+
+
+def _shot(sample) -> str:
+    first = sample.instruction.split(".")[0].lower()
+    return next(k for k in ("close-up", "medium", "long") if k in first)
+
+
+def test_ladder_levels_fix_or_free_exactly_what_their_table_says():
+    """Level 0: one subject, centre, medium; 1: the place varies; 2: the shot too; 3: two subjects; 4: three."""
+    seen = {}
+    for k in range(5):
+        samples = [generate_sample(split, i, _level(k)) for split in ("train", "test") for i in range(40)]
+        seen[k] = ({len(s.truth.subjects) for s in samples}, {p.position for s in samples for p in s.truth.subjects},
+                   {_shot(s) for s in samples})
+        test_names = {c.name for c in characters("test")}
+        assert all(p.name in test_names for s in samples[40:] for p in s.truth.subjects)  # the roster split holds
+    assert seen[0] == ({1}, {"centre"}, {"medium"})
+    assert seen[1] == ({1}, {"left", "centre", "right"}, {"medium"})
+    assert seen[2] == ({1}, {"left", "centre", "right"}, {"close-up", "medium", "long"})
+    assert seen[3][0] == {2} and len(seen[3][2]) >= 2
+    assert seen[4][0] == {3} and seen[4][2] == {"medium", "long"}  # a close-up leaves no room for three
+
+
+def test_level_3_is_todays_benchmark_byte_for_byte():
+    for i in range(6):
+        a, b = generate_sample("test", i, SyntheticConfig()), generate_sample("test", i, _level(3))
+        assert a.instruction == b.instruction and a.groundings == b.groundings
+        assert all(x.tobytes() == y.tobytes() for x, y in zip([*a.references, a.target], [*b.references, b.target],
+                                                               strict=True))
+
+
+@pytest.mark.parametrize("level", [0, 3])
+def test_without_colour_words_the_instruction_names_each_subject_and_its_place_only(level):
+    for i in range(20):
+        told = generate_sample("test", i, _level(level))
+        s = generate_sample("test", i, _level(level, describe_colours=False))
+        assert s.target.tobytes() == told.target.tobytes()  # the same picture is asked for
+        for subj, ch in zip(s.truth.subjects, (_cast("test")[p.name] for p in s.truth.subjects), strict=True):
+            for phrase in (ch.hair_phrase, ch.top_phrase, ch.bottom_phrase, ch.accessory_phrase):
+                if phrase:
+                    assert phrase not in s.instruction, (s.key, phrase)
+            assert subj.phrase in s.instruction
+        subject_ids = {p.image_id for p in s.truth.subjects}
+        assert {g.phrase for g in s.groundings if g.image_id in subject_ids} == {p.phrase for p in s.truth.subjects}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ from PIL import Image, ImageDraw
 from cag.data.truth import Truth
 from evaluation.proxies import (
     TruthError,
+    binding_details,
+    binding_rates,
     box_to_pixels,
     overall_score,
     prompt_following_details,
@@ -63,6 +66,7 @@ RAW = {  # the truth as shards store it
     },
 }
 TRUTH = Truth.from_dict(RAW)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _draw_subject(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], colours: dict) -> None:
@@ -227,3 +231,47 @@ def test_synthetic_generator_targets_score_high() -> None:
     assert min(pf) >= 9.0 and min(sc) >= 9.0
     # resampling blends every edge of a flat drawing: lower, but still well above a wrong image
     assert np.mean(pf64) >= 8.5 and np.mean(sc64) >= 7.5
+
+
+def test_binding_bound_swapped_and_missing_on_the_hand_drawn_truth() -> None:
+    assert set(binding_details(_render(128, RAW), TRUTH).values()) == {"bound"}
+    assert set(binding_details(_render(128, RAW, swap=True), TRUTH).values()) == {"swapped"}
+    assert set(binding_details(_scene(128, RAW), TRUTH).values()) == {"missing"}
+    one = copy.deepcopy(RAW)
+    one["subjects"] = one["subjects"][:1]
+    assert binding_details(_render(128, RAW), Truth.from_dict(one)) == {}  # one subject: nothing to bind
+
+
+def _exchange_subjects(img: Image.Image, truth: Truth, a: int, b: int) -> Image.Image:
+    """The picture with the contents of two subjects' target boxes exchanged (the generator draws them equal in size)."""
+    out = img.copy()
+    boxes = [box_to_pixels(truth.subjects[k].target_bbox_2d, img.width, img.height) for k in (a, b)]
+    crops = [img.crop(bx) for bx in boxes]
+    out.paste(crops[1].resize(crops[0].size), boxes[0][:2])
+    out.paste(crops[0].resize(crops[1].size), boxes[1][:2])
+    return out
+
+
+@pytest.mark.parametrize("level", ["level3", "level4"])
+def test_binding_rates_on_generator_targets_exchanged_subjects_and_the_empty_scene(level: str) -> None:
+    """The generator's target binds every subject; exchanging two subjects' places swaps both; the scene alone
+    has no subject: the rates the issue asks of the metric, at 1.0 each, at 128 px and at the model's 64 px."""
+    from omegaconf import OmegaConf
+
+    from cag.data.sources import synthetic_config
+    from cag.data.synthetic import generate_sample
+
+    cfg = synthetic_config(OmegaConf.load(ROOT / "conf" / "synthetic" / f"{level}.yaml"))
+    true, exchanged, empty, small = [], [], [], []
+    for i in range(10):
+        s = generate_sample("test", i, cfg)
+        true.append(binding_details(s.target, s.truth))
+        small.append(binding_details(s.target.resize((64, 64), Image.Resampling.BICUBIC), s.truth))
+        swapped = binding_details(_exchange_subjects(s.target, s.truth, 0, 1), s.truth)
+        exchanged.append({k: v for k, v in swapped.items() if k in (s.truth.subjects[0].name, s.truth.subjects[1].name)})
+        empty.append(binding_details(s.references[-1], s.truth))
+    assert binding_rates(true)["bound"] == 1.0
+    assert binding_rates(small)["bound"] == 1.0
+    assert binding_rates(exchanged)["swapped"] == 1.0
+    assert binding_rates(empty)["missing"] == 1.0
+    assert binding_rates([{}]) == {"bound": None, "swapped": None, "missing": None}

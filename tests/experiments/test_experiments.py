@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import common, table2, table3
+from experiments import common, ladder, table2, table3
 from tests.fake_chat_api import OpenAICompatServer, Reply
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,6 +131,33 @@ def test_table2_and_table3_rows_carry_their_own_setting_end_to_end(tmp_path):
     mlflow.set_tracking_uri(uri)
     assert sorted(mlflow.search_runs(experiment_names=["cag-experiments"])["tags.experiment"]) == ["table2", "table3"]
     assert len(mlflow.search_runs(experiment_names=["cag"])) == 4  # Table 3 trained nothing
+
+
+@pytest.mark.slow
+def test_ladder_trains_and_tests_each_level_on_its_own_benchmark_with_binding_and_a_curve(tmp_path):
+    out = _run(_cmd("ladder.py", tmp_path, "--levels", "0,3", "--curve-every", "3", "--curve-n", "3",
+                    *_eval_flags(tmp_path, None)), tmp_path)
+    assert "jobs: {'trained': 2" in out
+    rows = {r["Level"]: r for r in _rows(tmp_path / "ladder" / "ladder.csv")}
+    assert list(rows) == ["level 0", "level 3"]
+    assert rows["level 0"]["bound"] == common.MISSING  # one subject: nothing to bind
+    assert 0.0 <= float(rows["level 3"]["bound"]) <= 1.0 and float(rows["level 3"]["proxy_PF_subjects"]) >= 0.0
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = mlflow.tracking.MlflowClient(uri)
+    runs = common.sweep_runs(uri, tmp_path / "ladder" / "train", ladder.configs_for([0, 3], True), [0])
+    common.load_results(uri, runs, "eval")
+    for r, subjects in zip(runs, (1, 2), strict=True):
+        assert client.get_run(r.run_id).data.params["data/synthetic/num_characters"] == str(subjects)
+        ev = client.get_run(r.eval_run_id).data.params  # each level is tested on its own test split
+        assert ev["data/synthetic/num_characters"] == str(subjects)
+        assert ev["data/synthetic/place"] == ("centre" if subjects == 1 else "text")
+    curve = _rows(tmp_path / "ladder" / "ladder_curve.csv")
+    assert sorted((p["level"], int(p["step"])) for p in curve) == [("level 0", 3), ("level 0", 6), ("level 3", 3),
+                                                                    ("level 3", 6)]
+    assert all(p["proxy_PF_subjects"] not in ("", None) for p in curve)
+    again = _run(_cmd("ladder.py", tmp_path, "--levels", "0,3", "--curve-every", "3", "--curve-n", "3",
+                      *_eval_flags(tmp_path, None)), tmp_path)
+    assert "'skipped': 2" in again and "'eval_skipped': 2" in again  # a rerun repeats nothing
 
 
 def _ckpt_ready(path: Path) -> bool:

@@ -166,6 +166,11 @@ class SyntheticConfig:
     image_size: int = 128
     num_characters: int | Sequence[int] = 2
     seed: int = 0
+    # the difficulty ladder (conf/synthetic/level0..4.yaml; docs/design.md, 'Difficulty ladder'): what the
+    # instruction decides. "text": drawn per sample and said in the instruction; a fixed value: every sample
+    place: str = "text"            # text | centre (one character only)
+    shot: str = "text"             # text | close-up | medium | long
+    describe_colours: bool = True  # False: the instruction names each subject and its place, not what it wears
 
     def character_range(self) -> tuple[int, int]:
         n = self.num_characters
@@ -195,7 +200,18 @@ class SyntheticConfig:
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"SyntheticConfig.seed={self.seed!r} must be an int")
-        self.character_range()
+        lo, hi = self.character_range()
+        if self.place not in ("text", "centre"):
+            raise ValueError(f"SyntheticConfig.place={self.place!r} must be 'text' or 'centre'")
+        if self.place == "centre" and hi > 1:
+            raise ValueError(f"SyntheticConfig.place='centre' needs num_characters=1 (got {self.num_characters!r}): "
+                             "only one character stands in the centre")
+        if self.shot != "text" and self.shot not in _SHOTS:
+            raise ValueError(f"SyntheticConfig.shot={self.shot!r} must be 'text' or one of {list(_SHOTS)}")
+        if self.shot != "text" and hi > 1 and _SHOTS[self.shot][0] > _max_height(_positions_for(hi, None)):
+            raise ValueError(f"SyntheticConfig.shot={self.shot!r} is too tall for {hi} characters side by side")
+        if not isinstance(self.describe_colours, bool):
+            raise ValueError(f"SyntheticConfig.describe_colours={self.describe_colours!r} must be true or false")
 
 
 @dataclass(frozen=True)
@@ -578,22 +594,32 @@ def _choose_cast(rng: random.Random, split: str, n: int) -> list[Character]:
     raise RuntimeError(f"could not draw {n} visually distinct characters from split {split!r}")
 
 
-def _positions_for(n: int, rng: random.Random) -> list[str]:
+def _positions_for(n: int, rng: random.Random | None) -> list[str]:
+    """Where ``n`` characters stand; ``rng`` None gives the tightest arrangement (for checking a fixed shot)."""
     if n == 1:
-        return [rng.choice(("left", "centre", "right"))]
+        return [rng.choice(("left", "centre", "right"))] if rng is not None else ["left"]
     if n == 2:
-        return list(rng.choice((("left", "right"), ("left", "centre"), ("centre", "right"))))
+        pairs = (("left", "right"), ("left", "centre"), ("centre", "right"))
+        return list(rng.choice(pairs)) if rng is not None else ["left", "centre"]
     return ["left", "centre", "right"]
 
 
-def _layout(rng: random.Random, cast: list[Character]) -> _Layout:
-    positions = _positions_for(len(cast), rng)
+def _max_height(positions: Sequence[str]) -> float:
+    """A character's width is half its height; neighbours must not touch, and nobody leaves the frame."""
     xs = sorted(_POSITION_X[p] for p in positions)
     gap = min((b - a for a, b in zip(xs, xs[1:], strict=False)), default=1.0)
-    # A character's width is half its height; neighbours must not touch, and nobody leaves the frame.
-    max_height = min(2 * 0.94 * gap, 2 * 2 * min(min(xs), 1 - max(xs)) * 0.99)
-    shots = [s for s, (h, _) in _SHOTS.items() if h <= max_height] or ["long"]
-    shot = rng.choice(shots)
+    return min(2 * 0.94 * gap, 2 * 2 * min(min(xs), 1 - max(xs)) * 0.99)
+
+
+def _layout(rng: random.Random, cast: list[Character], cfg: SyntheticConfig) -> _Layout:
+    positions = ["centre"] if cfg.place == "centre" else _positions_for(len(cast), rng)
+    shots = [s for s, (h, _) in _SHOTS.items() if h <= _max_height(positions)] or ["long"]
+    if cfg.shot == "text":
+        shot = rng.choice(shots)
+    elif cfg.shot in shots:
+        shot = cfg.shot
+    else:  # a fixed shot too tall for this place: the tallest that fits (close-up at the side)
+        shot = shots[0]
     height, feet = _SHOTS[shot]
     order = list(positions)
     rng.shuffle(order)  # reference order and left-to-right order are independent
@@ -708,9 +734,12 @@ _HAIR_VERB = {"short hair": "neatly cut", "long hair": "falling past the shoulde
               "twin-tails": "bouncing on both sides", "spiky hair": "sticking up"}
 
 
-def _character_sentence(rng: random.Random, ch: Character, ref: str, position: str) -> str:
+def _character_sentence(rng: random.Random, ch: Character, ref: str, position: str, colours: bool = True) -> str:
     subj, poss, _ = ch.pronouns
     pos = rng.choice(_POSITION_WORDS[position])
+    if not colours:  # the subject and its place only: what it wears can come from its reference alone
+        return rng.choice((f"{ref} stands {pos}.", f"{_cap(pos)}, {ref} waves at the viewer.",
+                           f"{ref} smiles {pos}."))
     hair, top, bottom = ch.hair_phrase, ch.top_phrase, ch.bottom_phrase
     templates = [
         f"{ref} stands {pos} in {_article(top)} and {bottom}, {poss} {hair} {_HAIR_VERB[ch.hair_style]}.",
@@ -729,7 +758,9 @@ def _character_sentence(rng: random.Random, ch: Character, ref: str, position: s
     return sentence
 
 
-def _phrases_of(ch: Character, ref: str) -> list[tuple[str, int]]:
+def _phrases_of(ch: Character, ref: str, colours: bool = True) -> list[tuple[str, int]]:
+    if not colours:
+        return [(ref, 0)]
     out = [(ref, 0), (ch.hair_phrase, _HAIR), (ch.top_phrase, _TOP), (ch.bottom_phrase, _BOTTOM)]
     if ch.accessory_phrase is not None:
         out.append((ch.accessory_phrase, _ACC))
@@ -754,7 +785,7 @@ def generate_sample(split: str, index: int, cfg: SyntheticConfig) -> Sample:
     lo, hi = cfg.character_range()
     n = rng.randint(lo, hi)
     cast = _choose_cast(rng, split, n)
-    layout = _layout(rng, cast)
+    layout = _layout(rng, cast, cfg)
     size = cfg.image_size
     scene_id = n + 1
 
@@ -767,7 +798,7 @@ def generate_sample(split: str, index: int, cfg: SyntheticConfig) -> Sample:
         img, lab = _render_reference(size, ch, rng)
         references.append(img)
         base = 10
-        for phrase, part in _phrases_of(ch, ref_phrases[k]):
+        for phrase, part in _phrases_of(ch, ref_phrases[k], cfg.describe_colours):
             what = f"{split}-{index} reference {k + 1} {phrase!r}"
             box = _character_box(lab, base, what) if part == 0 else _part_box(lab, base, part, what)
             groundings.append(Grounding(phrase, k + 1, tuple(box)))  # type: ignore[arg-type]
@@ -806,19 +837,25 @@ def generate_sample(split: str, index: int, cfg: SyntheticConfig) -> Sample:
     # instruction
     sentences = [rng.choice(_SHOT_WORDS[layout.shot])]
     for k, pl in enumerate(layout.placements):
-        sentences.append(_character_sentence(rng, pl.character, ref_phrases[k], pl.position))
+        sentences.append(_character_sentence(rng, pl.character, ref_phrases[k], pl.position, cfg.describe_colours))
     if rng.random() < 0.4:  # a second mention, often possessive, as in the paper's instructions
         a = rng.randrange(n)
         ca = cast[a]
-        options = [f"{ref_phrases[a]}'s {ca.top_phrase} stands out against the {layout.place}."]
+        if cfg.describe_colours:
+            options = [f"{ref_phrases[a]}'s {ca.top_phrase} stands out against the {layout.place}."]
+        else:
+            options = [f"{ref_phrases[a]} looks straight at the viewer."]
         if n >= 2:
             b = rng.choice([k for k in range(n) if k != a])
             cb = cast[b]
-            options += [
-                f"{ref_phrases[a]} turns towards {ref_phrases[b]}.",
-                f"{ref_phrases[a]}'s {ca.top_phrase} contrasts with {ref_phrases[b]}'s {cb.bottom_phrase}.",
-                f"{ref_phrases[b]} smiles back at {ref_phrases[a]}, admiring {ca.pronouns[1]} {ca.hair_phrase}.",
-            ]
+            options += [f"{ref_phrases[a]} turns towards {ref_phrases[b]}."]
+            if cfg.describe_colours:
+                options += [
+                    f"{ref_phrases[a]}'s {ca.top_phrase} contrasts with {ref_phrases[b]}'s {cb.bottom_phrase}.",
+                    f"{ref_phrases[b]} smiles back at {ref_phrases[a]}, admiring {ca.pronouns[1]} {ca.hair_phrase}.",
+                ]
+            else:
+                options += [f"{ref_phrases[b]} smiles back at {ref_phrases[a]}."]
         sentences.append(rng.choice(options))
     prop_list = " and ".join(_article(f"{p.name} (Fig.{scene_id})") for p in layout.props)
     them = "them" if n > 1 else cast[0].pronouns[2]

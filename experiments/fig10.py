@@ -52,15 +52,12 @@ def peaks(runs: Sequence[TrainedRun], metrics: Sequence[str], n_boot: int) -> di
 
 
 def plot(runs: Sequence[TrainedRun], st: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from cag.utils import plots  # local: matplotlib is a slow import that the tables alone do not need
 
     panels = [("MLLM judge", JUDGE_METRICS), ("judge-free proxy (synthetic)", PROXY_METRICS)]
     panels = [(t, [m for m in ms if m in st["metrics"]]) for t, ms in panels]
     panels = [(t, ms) for t, ms in panels if ms]
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4.2), squeeze=False)
+    fig, axes = plots.figure(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4.4))
     labels = [c.label for c in CONFIGS if c.label in st["configs"]]
     xs = [next(c.vae_dropout for c in CONFIGS if c.label == lab) for lab in labels]
     n_seeds = max((len(v["seeds"]) for v in st["configs"].values()), default=0)
@@ -75,16 +72,14 @@ def plot(runs: Sequence[TrainedRun], st: dict, path: Path) -> Path:
         ax.set_xlabel("VAE dropout probability")
         ax.set_ylabel("score (0-10)")
         ax.set_xticks(list(DROPOUTS))
-        ax.set_title(title)
+        plots.axes_title(ax, title)
         ax.grid(alpha=0.3)
         ax.legend()
     if not panels:
         axes[0][0].text(0.5, 0.5, "no evaluation results in MLflow", ha="center", va="center")
-    fig.suptitle(f"PF, SC and Overall under varying VAE dropout (masked attention); 95% CI, {n_seeds} seed(s)")
-    fig.tight_layout()
+    plots.suptitle(fig, f"PF, SC and Overall under varying VAE dropout (masked attention); 95% CI, {n_seeds} seed(s)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plots.save(fig, path)
     return path
 
 

@@ -93,10 +93,7 @@ def curve_points(runs: Sequence[TrainedRun], args: argparse.Namespace) -> list[d
 
 
 def write_curve(points: Sequence[dict[str, object]], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from cag.utils import plots  # local: matplotlib is a slow import
 
     csv_path = out / "ladder_curve.csv"
     with csv_path.open("w", encoding="utf-8", newline="") as fh:
@@ -104,7 +101,8 @@ def write_curve(points: Sequence[dict[str, object]], out: Path) -> list[Path]:
                                      "proxy_Overall"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(points)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
+    fig, axes = plots.figure(figsize=(6.4, 4.2))
+    ax = axes[0][0]
     for level in sorted({str(p["level"]) for p in points}):
         mine = sorted((p for p in points if p["level"] == level and p["proxy_PF_subjects"] is not None),
                       key=lambda p: (p["step"], p["seed"]))
@@ -113,11 +111,10 @@ def write_curve(points: Sequence[dict[str, object]], out: Path) -> list[Path]:
     ax.set_xlabel("training step")
     ax.set_ylabel("subjects PF (proxy, 0-10)")
     ax.set_ylim(0, 10)
-    ax.set_title("Subjects PF against training steps, per ladder level", wrap=True)
+    plots.axes_title(ax, "Subjects PF (proxy) against training steps, one line per ladder level")
     ax.legend(fontsize="small")
     png = out / "ladder_curve.png"
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    plots.save(fig, png)
     return [csv_path, png]
 
 

@@ -87,14 +87,10 @@ def write_report(results: dict[str, list[dict]], out: Path, args: argparse.Names
             lines.append(f"| {preset} | {r['minutes']:.1f}{' (end)' if r['final'] else ''} | {r['step']} | "
                          f"{r['pf']:.2f} | {r['sc']:.2f} | {r['overall']:.2f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
+    from cag.utils import plots  # local: matplotlib is a slow import
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - matplotlib is a dependency
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = plots.figure(figsize=(6, 4))
+    ax = axes[0][0]
     for preset, rows in results.items():
         rows = sorted(rows, key=lambda r: r["minutes"])
         ax.plot([r["minutes"] for r in rows], [r["overall"] for r in rows], marker="o", label=preset)
@@ -102,8 +98,7 @@ def write_report(results: dict[str, list[dict]], out: Path, args: argparse.Names
     ax.set_ylabel(f"proxy Overall (0-10), n={args.n_eval}")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "learning_efficiency.png", dpi=120)
+    plots.save(fig, out / "learning_efficiency.png")
 
 
 def main() -> None:

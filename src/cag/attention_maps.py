@@ -243,16 +243,13 @@ def render_attention_figure(
     mass is printed so rows stay comparable in absolute terms. The phrase's box is drawn
     (dashed) on its reference.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib import patches
+
+    from cag.utils import plots  # local: matplotlib is a slow import that recording the maps does not need
 
     n_refs = len(sample.references)
     boxes = [g for g in sample.groundings if g.phrase == phrase]
-    fig, axes = plt.subplots(len(results), n_refs + 1, figsize=(2.2 * (n_refs + 1), 2.4 * len(results) + 0.4),
-                             squeeze=False)
+    fig, axes = plots.figure(len(results), n_refs + 1, figsize=(2.2 * (n_refs + 1), 2.4 * len(results) + 0.6))
     for row, (mode, (att, generated)) in enumerate(results.items()):
         peak = max(float(m.max()) for m in att.maps) or 1.0
         for r in range(n_refs):
@@ -275,11 +272,9 @@ def render_attention_figure(
         ax.set_xticks([])
         ax.set_yticks([])
         axes[row][0].set_ylabel(MODE_TITLES.get(mode, mode), fontsize=10)
-    fig.suptitle(f'attention of "{phrase}" to reference latents ({sample.key})', fontsize=10)
-    fig.tight_layout()
+    plots.suptitle(fig, f'attention of "{phrase}" to reference latents ({sample.key})', fontsize=10)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
+    plots.save(fig, buf, dpi=100, format="png")
     buf.seek(0)
     return Image.open(buf).convert("RGB")
 

@@ -1,6 +1,7 @@
 """Fig. 10: PF / SC / Overall against the VAE dropout probability (masked attention), with error bars.
 
     python experiments/fig10.py --seeds 2                          # study preset, 300 test samples
+    python experiments/fig10.py --replot experiments/results/study_cpu/fig10_summary.json   # redraw a committed plot
     python experiments/fig10.py --preset default --steps 6 --n-eval 4 --num-steps 4 --train-override data.batch_size=2
 
 Trains ``experiment=cag vae_dropout=p`` for p in 0, 0.1, 0.3, 0.5, 0.7 and each seed,
@@ -14,6 +15,8 @@ bootstrap replicates (the paper: PF and Overall peak at 0.5, SC at 0.3).
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -99,7 +102,21 @@ def build(runs: Sequence[TrainedRun], out: Path, args: argparse.Namespace) -> li
     return [plot(runs, st, out / f"{NAME}.png"), *files]
 
 
+def replot(summary: Path) -> Path:
+    """Redraw ``fig10.png`` beside a ``fig10_summary.json`` from the estimates it holds (no MLflow store needed)."""
+    data = json.loads(summary.read_text(encoding="utf-8"))
+    st = {"metrics": data["metrics"],
+          "configs": {label: {**info, "metrics": {m: stats.Estimate(**e) for m, e in info["metrics"].items()}}
+                      for label, info in data["configs"].items()}}
+    return plot([], st, summary.with_name(f"{NAME}.png"))
+
+
 def main(argv: Sequence[str] | None = None) -> list[Path]:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--replot"]:  # python experiments/fig10.py --replot DIR/fig10_summary.json
+        if len(args) != 2:
+            raise SystemExit("usage: python experiments/fig10.py --replot PATH/fig10_summary.json")
+        return [replot(Path(args[1]))]
     return common.cli(argv, doc=__doc__, name=NAME, configs=CONFIGS, metric_prefix=PREFIX, build=build)
 
 

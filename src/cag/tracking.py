@@ -1,9 +1,9 @@
 """What MLflow shows about a training run beyond its metrics: the experiment kind and the data.
 
-- MLflow 3's UI opens an experiment on the GenAI overview (traces, token usage) unless the
-  experiment carries the tag ``mlflow.experimentKind = custom_model_development`` (the
-  value the UI's own kind selector writes; see the mlflow-onboarding skill shipped inside
-  the installed mlflow). Training experiments get it, so ``mlflow ui`` opens on the runs.
+- Training experiments carry the tag ``mlflow.experimentKind = custom_model_development``
+  (the value MLflow's own kind selector writes), which says what they are to MLflow's APIs.
+  MLflow 3.17's UI does not read it to choose its view: ``mlflow ui --app-name cag``
+  (:mod:`cag.mlflow_app`) is what opens experiments on the runs table.
 - Each run logs what it trained on as MLflow dataset inputs, so the runs table's Dataset
   column tells two runs on different data apart: the synthetic benchmark's split, size and
   seed; the shard URLs with a digest of their contents; or the manifest file with its hash.

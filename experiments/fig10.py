@@ -20,8 +20,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments import common, stats
-from experiments.common import JUDGE_METRICS, PROXY_METRICS, Comparison, Config, TrainedRun
+from experiments import pipeline, stats, tables
+from experiments.sweep import JUDGE_METRICS, PROXY_METRICS, Comparison, Config, TrainedRun
 
 NAME = "fig10"
 PREFIX = "eval"
@@ -39,13 +39,13 @@ COMPARISONS = (
 
 def peaks(runs: Sequence[TrainedRun], metrics: Sequence[str], n_boot: int) -> dict[str, dict[str, object]]:
     """Per metric: the rate with the highest mean, how often each rate wins across replicates, the paper's peak."""
-    groups = common.by_config(runs)
+    groups = tables.by_config(runs)
     types: dict[str, str] = {}
     for r in runs:
         types.update(r.task_types)
     out: dict[str, dict[str, object]] = {}
     for m in metrics:
-        freq = stats.argmax_frequency({label: common.per_seed_scores(rs, m) for label, rs in groups.items()}, types,
+        freq = stats.argmax_frequency({label: tables.per_seed_scores(rs, m) for label, rs in groups.items()}, types,
                                       n_boot=n_boot)
         best = max(freq, key=lambda k: freq[k]) if freq else None
         paper = PAPER_PEAK[m.removeprefix("proxy_")]
@@ -88,13 +88,13 @@ def plot(runs: Sequence[TrainedRun], st: dict, path: Path) -> Path:
 
 def build(runs: Sequence[TrainedRun], out: Path, args: argparse.Namespace) -> list[Path]:
     n_boot = getattr(args, "n_boot", stats.N_BOOT)
-    st = common.compute_statistics(runs, COMPARISONS, n_boot=n_boot)
+    st = tables.compute_statistics(runs, COMPARISONS, n_boot=n_boot)
     pk = peaks(runs, st["metrics"], n_boot)
     note = "Peak (most often best across bootstrap replicates; paper: PF and Overall at 0.5, SC at 0.3): " + "; ".join(
         f"{m} {v['most_often_best']} ({v['argmax_frequency'].get(v['most_often_best'], 0):.0%})"  # type: ignore[union-attr]
         for m, v in pk.items()
     ) + "."
-    files = common.standard_outputs(
+    files = pipeline.standard_outputs(
         runs, out, args, name=NAME, title="Fig. 10: VAE dropout probability (masked attention)",
         head=["vae_dropout"], row_head=lambda c: [f"{c.vae_dropout:g}"], comparisons=COMPARISONS,
         note=note, extra={"peaks": pk}, stats_result=st,
@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         if len(args) != 2:
             raise SystemExit("usage: python experiments/fig10.py --replot PATH/fig10_summary.json")
         return [replot(Path(args[1]))]
-    return common.cli(argv, doc=__doc__, name=NAME, configs=CONFIGS, metric_prefix=PREFIX, build=build)
+    return pipeline.cli(argv, doc=__doc__, name=NAME, configs=CONFIGS, metric_prefix=PREFIX, build=build)
 
 
 if __name__ == "__main__":

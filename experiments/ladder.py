@@ -29,8 +29,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments import common
-from experiments.common import Config, TrainedRun
+from experiments import pipeline, sweep
+from experiments.sweep import Config, TrainedRun
 
 NAME = "ladder"
 PREFIX = "eval"
@@ -79,10 +79,10 @@ def curve_points(runs: Sequence[TrainedRun], args: argparse.Namespace) -> list[d
             point = TrainedRun(run.config, run.seed, run.run_id, str(ckpt))
             prefix = f"{CURVE_PREFIX}{step}"
             sub = argparse.Namespace(**{**vars(args), "n_eval": args.curve_n})
-            common.ensure_evaluated(point, sub, args.out / "curve", prefix, list(run.config.eval_overrides))
+            sweep.ensure_evaluated(point, sub, args.out / "curve", prefix, list(run.config.eval_overrides))
             points.append({"level": run.config.label, "seed": run.seed, "step": step, "prefix": prefix,
                            "run_id": run.run_id})
-    client = common._client(args.tracking_uri)
+    client = sweep.mlflow_client(args.tracking_uri)
     for p in points:
         metrics = client.get_run(str(p["run_id"])).data.tags.get(f"{p['prefix']}/run_id")
         data = client.get_run(metrics).data.metrics if metrics else {}
@@ -120,7 +120,7 @@ def write_curve(points: Sequence[dict[str, object]], out: Path) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(parser, NAME)
+    sweep.add_common_args(parser, NAME)
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)), help="comma-separated ladder levels (0-4)")
     parser.add_argument("--no-colour-words", action="store_true",
                         help="instructions name each subject and its place only (data.synthetic.describe_colours=false)")
@@ -134,16 +134,16 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     args.train_override = [*args.train_override, _curve_override(args.curve_every)]
 
     def build(runs: Sequence[TrainedRun], out: Path, a: argparse.Namespace) -> list[Path]:
-        files = common.standard_outputs(
+        files = pipeline.standard_outputs(
             runs, out, a, name=NAME, title="Difficulty ladder: where the tiny model stops learning",
             head=["Level", "what it adds"], row_head=lambda c: [c.label, WHAT[int(c.label.split()[1])]],
             comparisons=(), note="Each level is trained on its own training split and tested on its own test split.")
         return [*files, *write_curve(curve_points(runs, a), out)]
 
     try:
-        return common.run_pipeline(args, name=NAME, configs=configs, metric_prefix=PREFIX, eval_overrides=(),
+        return pipeline.run_pipeline(args, name=NAME, configs=configs, metric_prefix=PREFIX, eval_overrides=(),
                                    build=build)
-    except common.Interrupted as exc:
+    except sweep.Interrupted as exc:
         print(str(exc), file=sys.stderr, flush=True)
         raise SystemExit(130) from None
 

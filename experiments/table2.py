@@ -16,8 +16,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments import common
-from experiments.common import Comparison, Config, TrainedRun
+from experiments import pipeline
+from experiments.sweep import Comparison, Config, TrainedRun
 
 NAME = "table2"
 PREFIX = "eval"
@@ -54,7 +54,7 @@ def _row_head(c: Config) -> list[str]:
 
 
 def build(runs: Sequence[TrainedRun], out: Path, args: argparse.Namespace) -> list[Path]:
-    return common.standard_outputs(
+    return pipeline.standard_outputs(
         runs, out, args, name=NAME, title="Table 2: masked attention x VAE dropout",
         head=["Method", "Mask Attn.", "VAE Dropout"], row_head=_row_head, comparisons=COMPARISONS,
         note="Paper ordering (Overall): baseline < ablation_mask, ablation_dropout < cag.",
@@ -62,7 +62,7 @@ def build(runs: Sequence[TrainedRun], out: Path, args: argparse.Namespace) -> li
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
-    return common.cli(argv, doc=__doc__, name=NAME, configs=CONFIGS, metric_prefix=PREFIX, build=build)
+    return pipeline.cli(argv, doc=__doc__, name=NAME, configs=CONFIGS, metric_prefix=PREFIX, build=build)
 
 
 if __name__ == "__main__":

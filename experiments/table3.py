@@ -17,8 +17,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments import common
-from experiments.common import Comparison, Config, TrainedRun
+from experiments import pipeline
+from experiments.sweep import Comparison, Config, TrainedRun
 
 NAME = "table3"
 PREFIX = "eval_noref"
@@ -35,7 +35,7 @@ COMPARISONS = (
 
 
 def build(runs: Sequence[TrainedRun], out: Path, args: argparse.Namespace) -> list[Path]:
-    return common.standard_outputs(
+    return pipeline.standard_outputs(
         runs, out, args, name=NAME, title="Table 3: inference without reference VAE latents",
         head=["Method"], row_head=lambda c: [c.label], comparisons=COMPARISONS, eval_overrides=EVAL_OVERRIDES,
         note="Inference without reference VAE latents (sampler.use_ref_latents=false).",
@@ -43,7 +43,7 @@ def build(runs: Sequence[TrainedRun], out: Path, args: argparse.Namespace) -> li
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
-    return common.cli(argv, doc=__doc__, name=NAME, configs=CONFIGS, metric_prefix=PREFIX, build=build,
+    return pipeline.cli(argv, doc=__doc__, name=NAME, configs=CONFIGS, metric_prefix=PREFIX, build=build,
                       eval_overrides=EVAL_OVERRIDES)
 
 

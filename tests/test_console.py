@@ -14,7 +14,7 @@ from omegaconf import open_dict
 
 from cag.train import train
 from cag.utils import logs
-from tests.fake_chat_api import OpenAICompatServer
+from experiments.benchmarks.fake_chat_api import OpenAICompatServer
 
 ROOT = Path(__file__).resolve().parents[1]
 FALSE_ALARMS = ("isinstance(treespec, LeafSpec)", "module(s) in eval mode", "overridden `transfer_batch_to_device`")

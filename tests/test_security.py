@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from tests.fake_chat_api import OpenAICompatServer, Reply
+from experiments.benchmarks.fake_chat_api import OpenAICompatServer, Reply
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_KEY = "sk-CAGTEST-DO-NOT-LEAK-7f3a9c"

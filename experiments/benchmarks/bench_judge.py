@@ -29,11 +29,8 @@ from PIL import Image
 from cag.remote.chat import ChatClient
 from evaluation.aggregate import summarize
 from evaluation.judge import JudgeItem, judge_items
+from experiments.benchmarks.fake_chat_api import FaultInjector, OpenAICompatServer, Reply
 from experiments.benchmarks.spread import interleave, quartiles
-
-# the fake server is test support code in tests/, which is not installed: the one path this script adds
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.fake_chat_api import FaultInjector, OpenAICompatServer, Reply  # noqa: E402
 
 
 def constant_judge(body: dict[str, Any], call_index: int) -> Reply:

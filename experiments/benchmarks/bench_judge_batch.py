@@ -14,7 +14,7 @@ retried within the same budget (``1 + max_retries`` calls per request).
     python experiments/benchmarks/bench_judge_batch.py --faults
     python experiments/benchmarks/bench_judge_batch.py --faults --retry-mode online
 
-The fake files/batches server is test support code (``tests/eval/fake_batch_api.py``).
+The fake files/batches server is test support code (``experiments/benchmarks/fake_batch_api.py``).
 """
 
 from __future__ import annotations
@@ -33,12 +33,8 @@ from PIL import Image
 from cag.remote.batch import BatchChatClient
 from cag.remote.chat import ChatClient
 from evaluation.judge import JudgeItem, judge_items
-
-# the fake servers are test support code in tests/, which is not installed: the one path this script adds
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-from tests.eval.fake_batch_api import FakeBatchAPI  # noqa: E402
-from tests.fake_chat_api import FaultInjector, OpenAICompatServer, Reply  # noqa: E402
+from experiments.benchmarks.fake_batch_api import FakeBatchAPI
+from experiments.benchmarks.fake_chat_api import FaultInjector, OpenAICompatServer, Reply
 
 
 def deterministic_judge(body: dict[str, Any], call_index: int) -> Reply:

@@ -22,7 +22,7 @@ from cag.remote.chat import (
     image_to_data_url,
     parse_retry_after,
 )
-from tests.fake_chat_api import FaultInjector, OpenAICompatServer, Reply
+from experiments.benchmarks.fake_chat_api import FaultInjector, OpenAICompatServer, Reply
 
 FAKE_KEY = "sk-test-LEAKCANARY-7f3a9c1e5b"
 

@@ -11,7 +11,6 @@ from typing import Any
 import mlflow
 import numpy as np
 import pytest
-from fake_batch_api import FakeBatchAPI
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
@@ -25,7 +24,8 @@ from evaluation.runner import (
     load_benchmark,
 )
 from experiments import table1
-from tests.fake_chat_api import OpenAICompatServer, Reply
+from experiments.benchmarks.fake_batch_api import FakeBatchAPI
+from experiments.benchmarks.fake_chat_api import OpenAICompatServer, Reply
 
 ROOT = Path(__file__).resolve().parents[2]
 SYN = {

@@ -17,7 +17,7 @@ from cag.remote.chat import ChatClient
 from evaluation import prompts
 from evaluation.aggregate import summarize
 from evaluation.judge import JudgeItem, JudgeRecord, judge_items, parse_score, write_jsonl
-from tests.fake_chat_api import FaultInjector, OpenAICompatServer, Reply
+from experiments.benchmarks.fake_chat_api import FaultInjector, OpenAICompatServer, Reply
 
 FAKE_KEY = "sk-judge-LEAKCANARY-19d2e77a"
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 30)]

@@ -1,6 +1,6 @@
 """The judge through the Batch API: same prompts, answers, cache and retry rules as online, resumable.
 
-Every test talks HTTP to a fake files + batches server on 127.0.0.1 (tests/eval/fake_batch_api.py)
+Every test talks HTTP to a fake files + batches server on 127.0.0.1 (experiments/benchmarks/fake_batch_api.py)
 through the real openai client.
 """
 
@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_batch_api import FakeBatchAPI
 from test_judge import criterion_of, expected, index_of, make_items, oracle
 
 from cag.remote.batch import BatchChatClient, BatchPendingError
 from cag.remote.chat import ChatClient
 from evaluation.judge import judge_items
-from tests.fake_chat_api import FaultInjector, OpenAICompatServer, Reply
+from experiments.benchmarks.fake_batch_api import FakeBatchAPI
+from experiments.benchmarks.fake_chat_api import FaultInjector, OpenAICompatServer, Reply
 
 FAKE_KEY = "sk-batch-LEAKCANARY-5e0c1b"
 FAST = dict(backoff_base_s=0.005, backoff_max_s=0.02)

@@ -23,7 +23,7 @@ from report_support import parse_markdown_table
 from evaluation.generation import _contiguous
 from evaluation.runner import EvaluationError, find_target
 from evaluation.scoring import judge_availability
-from tests.fake_chat_api import OpenAICompatServer, Reply
+from experiments.benchmarks.fake_chat_api import OpenAICompatServer, Reply
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE_KEY = "sk-FAKE-cagtest-7f3a9c1e5b2d4680"

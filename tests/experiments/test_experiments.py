@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import common, ladder, table2, table3
-from tests.fake_chat_api import OpenAICompatServer, Reply
+from experiments import ladder, sweep, table2, table3
+from experiments.benchmarks.fake_chat_api import OpenAICompatServer, Reply
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -99,8 +99,8 @@ def test_table2_and_table3_rows_carry_their_own_setting_end_to_end(tmp_path):
     # rows that are secretly one model would score the same on every sample with a content-hash judge
     assert len({(r["PF"], r["SC"]) for r in t2}) == 4, t2
 
-    runs = common.sweep_runs(uri, tmp_path / "table2" / "train", table2.CONFIGS, [0])
-    common.load_results(uri, runs, "eval")
+    runs = sweep.sweep_runs(uri, tmp_path / "table2" / "train", table2.CONFIGS, [0])
+    sweep.load_results(uri, runs, "eval")
     for r in runs:
         params = client.get_run(r.run_id).data.params
         assert (params["attention"], float(params["vae_dropout"]), params["seed"]) == (
@@ -115,13 +115,13 @@ def test_table2_and_table3_rows_carry_their_own_setting_end_to_end(tmp_path):
                 a.config.label, b.config.label)
     paired = _rows(tmp_path / "table2" / "table2_paired.csv")
     assert {r["comparison"] for r in paired} == {c.name for c in table2.COMPARISONS}
-    assert all(r["sign_agrees"] in ("yes", "NO", common.MISSING) for r in paired)
+    assert all(r["sign_agrees"] in ("yes", "NO", sweep.MISSING) for r in paired)
 
     # Table 3 evaluates the same two masked checkpoints without reference latents: other images, other prefix
     t3 = _rows(tmp_path / "table3" / "table3.csv")
     assert [r["Method"] for r in t3] == ["w/o VAE dropout", "w/ VAE dropout"]
-    noref = common.sweep_runs(uri, tmp_path / "table2" / "train", table3.CONFIGS, [0])
-    common.load_results(uri, noref, "eval_noref")
+    noref = sweep.sweep_runs(uri, tmp_path / "table2" / "train", table3.CONFIGS, [0])
+    sweep.load_results(uri, noref, "eval_noref")
     with_ref = {r.run_id: r for r in runs}
     for r in noref:
         assert client.get_run(r.eval_run_id).data.params["sampler/use_ref_latents"] == "False"
@@ -140,12 +140,12 @@ def test_ladder_trains_and_tests_each_level_on_its_own_benchmark_with_binding_an
     assert "jobs: {'trained': 2" in out
     rows = {r["Level"]: r for r in _rows(tmp_path / "ladder" / "ladder.csv")}
     assert list(rows) == ["level 0", "level 3"]
-    assert rows["level 0"]["bound"] == common.MISSING  # one subject: nothing to bind
+    assert rows["level 0"]["bound"] == sweep.MISSING  # one subject: nothing to bind
     assert 0.0 <= float(rows["level 3"]["bound"]) <= 1.0 and float(rows["level 3"]["proxy_PF_subjects"]) >= 0.0
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     client = mlflow.tracking.MlflowClient(uri)
-    runs = common.sweep_runs(uri, tmp_path / "ladder" / "train", ladder.configs_for([0, 3], True), [0])
-    common.load_results(uri, runs, "eval")
+    runs = sweep.sweep_runs(uri, tmp_path / "ladder" / "train", ladder.configs_for([0, 3], True), [0])
+    sweep.load_results(uri, runs, "eval")
     for r, subjects in zip(runs, (1, 2), strict=True):
         assert client.get_run(r.run_id).data.params["data/synthetic/num_characters"] == str(subjects)
         ev = client.get_run(r.eval_run_id).data.params  # each level is tested on its own test split
@@ -161,7 +161,7 @@ def test_ladder_trains_and_tests_each_level_on_its_own_benchmark_with_binding_an
 
 
 def _ckpt_ready(path: Path) -> bool:
-    return path.is_file() and common._checkpoint_step(path) not in (None, 0)
+    return path.is_file() and sweep._checkpoint_step(path) not in (None, 0)
 
 
 def _runs_by_dir(uri: str) -> dict[str, list[Any]]:
@@ -213,7 +213,7 @@ def test_killed_sweep_reruns_only_unfinished_work_and_resumes_from_last_ckpt(tmp
             assert resumed.data.params["ckpt_path"] == str((third / "checkpoints" / "last.ckpt").resolve())
         else:
             assert [r.info.status for r in runs] == ["FINISHED"], folder  # trained exactly once
-    assert common._checkpoint_step(third / "checkpoints" / "last.ckpt") == 12
+    assert sweep._checkpoint_step(third / "checkpoints" / "last.ckpt") == 12
     evals = _eval_runs(uri)
     assert len(evals) == 4  # the two finished evaluations were not redone
     assert {r.info.run_id for r in evals_before} <= {r.info.run_id for r in evals}

@@ -18,7 +18,7 @@ import torch
 from mlflow.entities import Param
 from PIL import Image
 
-from experiments import common, fig10, stats, table2, table3
+from experiments import fig10, stats, sweep, table2, table3
 from tests.browser import chromium_or_skip, run_headless
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,7 +37,7 @@ def shared_store(tmp_path_factory) -> tuple[str, mlflow.tracking.MlflowClient, s
     return uri, client, exp, ev
 
 
-def _train_run(client, exp: str, out_dir: Path, cfg: common.Config, seed: int = 0, status: str = "FINISHED",
+def _train_run(client, exp: str, out_dir: Path, cfg: sweep.Config, seed: int = 0, status: str = "FINISHED",
                max_steps: int = 6) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = out_dir / "checkpoints" / "last.ckpt"
@@ -93,18 +93,18 @@ EFFECT = {"baseline": 0.0, "ablation_mask": 0.3, "ablation_dropout": -0.1, "cag"
 def table2_study(tmp_path_factory, shared_store):
     tmp_path = tmp_path_factory.mktemp("t2")
     uri, client, exp, ev = shared_store
-    sweep = tmp_path / "sweep"
+    sweep_dir = tmp_path / "sweep"
     rng = np.random.default_rng(0)
     noise = rng.uniform(2, 6, size=(2, len(KEYS)))  # shared by every configuration: same items, same sampling noise
     for seed in (0, 1):
         for c in table2.CONFIGS:
-            rid = _train_run(client, exp, sweep / c.label / f"seed{seed}", c, seed)
+            rid = _train_run(client, exp, sweep_dir / c.label / f"seed{seed}", c, seed)
             scores = {k: {"proxy_pf": noise[seed, i] + EFFECT[c.label], "proxy_sc": noise[seed, i] / 2,
                           "proxy_overall": noise[seed, i] + EFFECT[c.label], "pf": None, "sc": None, "overall": None}
                       for i, k in enumerate(KEYS)}
             _eval_run(client, ev, rid, "eval", scores, tmp_path / "eval" / c.label / f"seed{seed}")
-    runs = common.sweep_runs(uri, sweep, table2.CONFIGS, [0, 1])
-    common.load_results(uri, runs, "eval")
+    runs = sweep.sweep_runs(uri, sweep_dir, table2.CONFIGS, [0, 1])
+    sweep.load_results(uri, runs, "eval")
     files = table2.build(runs, tmp_path / "out", _args(tmp_path, tracking_uri=uri))
     return {"tmp": tmp_path, "runs": runs, "files": {f.name: f for f in files}, "noise": noise}
 
@@ -116,18 +116,18 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 def test_runs_are_picked_by_sweep_folder_params_seed_and_status(tmp_path, shared_store):
     uri, client, exp, _ = shared_store
-    sweep = tmp_path / "table2" / "train"
-    mine = {(c.label, s): _train_run(client, exp, sweep / c.label / f"seed{s}", c, s)
+    sweep_dir = tmp_path / "table2" / "train"
+    mine = {(c.label, s): _train_run(client, exp, sweep_dir / c.label / f"seed{s}", c, s)
             for s in (0, 1) for c in table2.CONFIGS}
     _train_run(client, exp, tmp_path / "other_sweep" / "0", table2.CONFIGS[3])  # same config, another sweep
-    _train_run(client, exp, sweep / "x", table2.CONFIGS[0], 0, status="FAILED")  # a crashed job is not a result
-    runs = common.sweep_runs(uri, sweep, table2.CONFIGS, [0, 1])
+    _train_run(client, exp, sweep_dir / "x", table2.CONFIGS[0], 0, status="FAILED")  # a crashed job is not a result
+    runs = sweep.sweep_runs(uri, sweep_dir, table2.CONFIGS, [0, 1])
     assert [(r.config.label, r.seed) for r in runs] == [(c.label, s) for s in (0, 1) for c in table2.CONFIGS]
     assert [r.run_id for r in runs] == [mine[(r.config.label, r.seed)] for r in runs]
     # "0" and "0.0" are the same dropout whatever way Hydra printed the override
-    assert common.Config("full", 0.0, "x").matches({"attention": "full", "vae_dropout": "0"})
+    assert sweep.Config("full", 0.0, "x").matches({"attention": "full", "vae_dropout": "0"})
     with pytest.raises(RuntimeError, match="no FINISHED training run.*seed 2"):
-        common.sweep_runs(uri, sweep, table2.CONFIGS, [0, 1, 2])
+        sweep.sweep_runs(uri, sweep_dir, table2.CONFIGS, [0, 1, 2])
 
 
 def test_table2_means_and_intervals_come_from_the_per_sample_artifacts(table2_study):
@@ -141,7 +141,7 @@ def test_table2_means_and_intervals_come_from_the_per_sample_artifacts(table2_st
         assert (r["seeds"], r["n_samples"]) == ("2", str(len(KEYS)))
         assert [r["proxy_Overall"], r["proxy_Overall_lo"], r["proxy_Overall_hi"]] == [
             f"{expected.mean:.3f}", f"{expected.lo:.3f}", f"{expected.hi:.3f}"]
-        assert r["PF"] == common.MISSING  # no judge ran: a dash, never 0
+        assert r["PF"] == sweep.MISSING  # no judge ran: a dash, never 0
     md = table2_study["files"]["table2.md"].read_text(encoding="utf-8")
     assert "MLLM judge not run" in md and "2 training seed(s)" in md and "bootstrap" in md
 
@@ -155,7 +155,7 @@ def test_paired_table_gives_the_exact_difference_and_flags_disagreement_with_the
     worse = paired[("ablation_dropout − baseline", "proxy_PF")]
     assert worse["delta"] == "-0.1000" and worse["sign_agrees"] == "NO"
     same = paired[("cag − baseline", "proxy_SC")]
-    assert same["delta"] == "0.0000" and same["sign_agrees"] == common.MISSING  # no sign to agree with
+    assert same["delta"] == "0.0000" and same["sign_agrees"] == sweep.MISSING  # no sign to agree with
     summary = json.loads(table2_study["files"]["table2_summary.json"].read_text(encoding="utf-8"))
     assert summary["settings"]["preset"] == "study" and summary["configs"]["cag"]["seeds"] == [0, 1]
     assert {p["comparison"] for p in summary["paired"]} == {c.name for c in table2.COMPARISONS}
@@ -187,26 +187,26 @@ def test_results_fall_back_to_the_evaluation_folder_when_artifacts_were_not_logg
     rid = _train_run(client, exp, tmp_path / "sweep" / "a", c)
     _eval_run(client, ev, rid, "eval_noref", {"test-000000": {"proxy_pf": 1.0, "pf": 4.0, "sc": 9.0}},
               tmp_path / "ev", log_artifact=False)
-    runs = common.sweep_runs(uri, tmp_path / "sweep", [c])
-    common.load_results(uri, runs, "eval_noref")
+    runs = sweep.sweep_runs(uri, tmp_path / "sweep", [c])
+    sweep.load_results(uri, runs, "eval_noref")
     s = runs[0].samples["test-000000"]
     assert s["proxy_PF"] == 1.0 and s["Overall"] == pytest.approx(6.0)  # judge Overall per sample: sqrt(PF * SC)
 
 
 def test_fig10_plot_table_and_peak_from_mlflow(tmp_path, shared_store):
     uri, client, exp, ev = shared_store
-    sweep = tmp_path / "sweep"
+    sweep_dir = tmp_path / "sweep"
     rng = np.random.default_rng(1)
     noise = rng.uniform(2, 6, size=(2, len(KEYS)))
     bump = {0.0: 0.0, 0.1: 0.2, 0.3: 0.6, 0.5: 0.9, 0.7: 0.1}
     for seed in (0, 1):
         for c in fig10.CONFIGS:
-            rid = _train_run(client, exp, sweep / c.label / f"seed{seed}", c, seed)
+            rid = _train_run(client, exp, sweep_dir / c.label / f"seed{seed}", c, seed)
             scores = {k: {"proxy_pf": noise[seed, i] + bump[c.vae_dropout], "proxy_sc": noise[seed, i],
                           "proxy_overall": noise[seed, i] + bump[c.vae_dropout] / 2} for i, k in enumerate(KEYS)}
             _eval_run(client, ev, rid, "eval", scores, tmp_path / "eval" / c.label / f"seed{seed}")
-    runs = common.sweep_runs(uri, sweep, fig10.CONFIGS, [0, 1])
-    common.load_results(uri, runs, "eval")
+    runs = sweep.sweep_runs(uri, sweep_dir, fig10.CONFIGS, [0, 1])
+    sweep.load_results(uri, runs, "eval")
     files = {f.name: f for f in fig10.build(runs, tmp_path / "out", _args(tmp_path, html_samples=2, tracking_uri=uri))}
     assert files["fig10.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = _rows(files["fig10.csv"])
@@ -217,15 +217,15 @@ def test_fig10_plot_table_and_peak_from_mlflow(tmp_path, shared_store):
     assert summary["peaks"]["proxy_PF"]["agrees"] is True
     paired = {(r["comparison"], r["metric"]): r for r in _rows(files["fig10_paired.csv"])}
     assert paired[("vae_dropout=0.7 − vae_dropout=0.5", "proxy_PF")]["sign_agrees"] == "yes"
-    assert paired[("vae_dropout=0.7 − vae_dropout=0.0", "proxy_PF")]["sign_agrees"] == common.MISSING
+    assert paired[("vae_dropout=0.7 − vae_dropout=0.0", "proxy_PF")]["sign_agrees"] == sweep.MISSING
 
 
 def test_every_configuration_composes_to_its_own_attention_and_dropout():
     """The overrides each row trains with really select its setting (an ignored override would make rows equal)."""
     for module in (table2, table3, fig10):
         for c in module.CONFIGS:
-            job = common.Job(c, 3, Path("/nonexistent"))
-            overrides = common.train_overrides(job, _args(Path("/nonexistent"), steps=7), module.NAME)
+            job = sweep.Job(c, 3, Path("/nonexistent"))
+            overrides = sweep.train_overrides(job, _args(Path("/nonexistent"), steps=7), module.NAME)
             assert "preset=study" in overrides and "seed=3" in overrides
             from hydra import compose, initialize_config_dir
 
@@ -233,7 +233,7 @@ def test_every_configuration_composes_to_its_own_attention_and_dropout():
                 cfg = compose(config_name="train", overrides=[o for o in overrides if "run_name" not in o])
             assert (cfg.attention, float(cfg.vae_dropout), cfg.seed, cfg.trainer.max_steps) == (
                 c.attention, c.vae_dropout, 3, 7), (module.NAME, c.label)
-    assert common.expected_max_steps(["experiment=cag", "trainer.max_steps=11"]) == 11
+    assert sweep.expected_max_steps(["experiment=cag", "trainer.max_steps=11"]) == 11
 
 
 def test_sampler_settings_are_left_to_the_evaluation_defaults_unless_given(tmp_path, monkeypatch):
@@ -248,10 +248,10 @@ def test_sampler_settings_are_left_to_the_evaluation_defaults_unless_given(tmp_p
 
     monkeypatch.setattr(runner, "evaluate", lambda cfg: seen.append(cfg) or _Outcome())
     monkeypatch.setattr(runner, "format_report", lambda outcome: "")
-    run = common.TrainedRun(table2.CONFIGS[0], 0, "rid", "/x.ckpt")
+    run = sweep.TrainedRun(table2.CONFIGS[0], 0, "rid", "/x.ckpt")
     kw = {"out_dir": tmp_path, "generations_root": tmp_path, "tracking_uri": "sqlite:///x.db", "n_eval": 3}
-    common.evaluate_run(run, **kw)
-    common.evaluate_run(run, num_steps=7, cfg_scale=2.5, **kw)
+    sweep.evaluate_run(run, **kw)
+    sweep.evaluate_run(run, num_steps=7, cfg_scale=2.5, **kw)
     defaults = OmegaConf.load(ROOT / "conf" / "sampler" / "default.yaml")
     assert (seen[0].sampler.num_steps, seen[0].sampler.cfg_scale) == (defaults.num_steps, defaults.cfg_scale)
     assert (seen[1].sampler.num_steps, seen[1].sampler.cfg_scale) == (7, 2.5)
@@ -261,42 +261,42 @@ def test_sampler_settings_are_left_to_the_evaluation_defaults_unless_given(tmp_p
 def test_rerun_state_skips_finished_resumes_interrupted_and_restarts_unreadable(tmp_path, shared_store):
     uri, client, exp, ev = shared_store
     cfg = table2.CONFIGS[3]
-    done = common.Job(cfg, 0, tmp_path / "sweep" / "cag" / "seed0")
+    done = sweep.Job(cfg, 0, tmp_path / "sweep" / "cag" / "seed0")
     _train_run(client, exp, done.run_dir, cfg, 0, max_steps=6)
-    state, run = common.training_state(uri, done, 6)
+    state, run = sweep.training_state(uri, done, 6)
     assert state == "done"
     # another step budget is not the same finished work: continue from its last.ckpt
     torch.save({"state_dict": {}, "global_step": 6}, done.last_ckpt)
-    assert common.training_state(uri, done, 8) == ("resume", 6)
+    assert sweep.training_state(uri, done, 8) == ("resume", 6)
     # a killed job: a RUNNING run that will never finish, a last.ckpt at step 4
-    killed = common.Job(cfg, 1, tmp_path / "sweep" / "cag" / "seed1")
+    killed = sweep.Job(cfg, 1, tmp_path / "sweep" / "cag" / "seed1")
     stale = _train_run(client, exp, killed.run_dir, cfg, 1, status="RUNNING")
     torch.save({"state_dict": {}, "global_step": 4}, killed.last_ckpt)
-    assert common.training_state(uri, killed, 6) == ("resume", 4)
-    common._mark_stale_runs(uri, killed)
+    assert sweep.training_state(uri, killed, 6) == ("resume", 4)
+    sweep._mark_stale_runs(uri, killed)
     assert client.get_run(stale).info.status == "KILLED"
     # a checkpoint cut short by a hard kill is moved aside and the job starts over
     killed.last_ckpt.write_bytes(b"PK\x03\x04truncated")
-    assert common.training_state(uri, killed, 6) == ("fresh", None)
+    assert sweep.training_state(uri, killed, 6) == ("fresh", None)
     assert not killed.last_ckpt.exists() and killed.last_ckpt.with_name("last.ckpt.unreadable").exists()
-    assert common.training_state(uri, common.Job(cfg, 2, tmp_path / "sweep" / "cag" / "seed2"), 6) == ("fresh", None)
+    assert sweep.training_state(uri, sweep.Job(cfg, 2, tmp_path / "sweep" / "cag" / "seed2"), 6) == ("fresh", None)
 
 
 def test_evaluation_is_skipped_only_when_the_same_settings_finished(tmp_path, shared_store):
     uri, client, exp, ev = shared_store
     c = table3.CONFIGS[1]
     rid = _train_run(client, exp, tmp_path / "sweep" / "a", c)
-    run = common.sweep_runs(uri, tmp_path / "sweep", [c])[0]
+    run = sweep.sweep_runs(uri, tmp_path / "sweep", [c])[0]
     args = _args(tmp_path, n_eval=4)
-    sig = common.eval_signature(args, "eval_noref", ["sampler.use_ref_latents=false"])
-    assert not common.evaluation_done(uri, run, "eval_noref", sig)  # never evaluated
+    sig = sweep.eval_signature(args, "eval_noref", ["sampler.use_ref_latents=false"])
+    assert not sweep.evaluation_done(uri, run, "eval_noref", sig)  # never evaluated
     _eval_run(client, ev, rid, "eval_noref", {"test-000000": {"proxy_pf": 1.0}}, tmp_path / "ev")
-    assert not common.evaluation_done(uri, run, "eval_noref", sig)  # evaluated, but not known to be these settings
-    client.set_tag(rid, f"eval_noref/{common.SIGNATURE_TAG}", sig)
-    assert common.evaluation_done(uri, run, "eval_noref", sig)
-    other = common.eval_signature(_args(tmp_path, n_eval=300), "eval_noref", ["sampler.use_ref_latents=false"])
-    assert not common.evaluation_done(uri, run, "eval_noref", other)
-    assert not common.evaluation_done(uri, run, "eval", sig)  # Table 3's evaluation is not Table 2's
+    assert not sweep.evaluation_done(uri, run, "eval_noref", sig)  # evaluated, but not known to be these settings
+    client.set_tag(rid, f"eval_noref/{sweep.SIGNATURE_TAG}", sig)
+    assert sweep.evaluation_done(uri, run, "eval_noref", sig)
+    other = sweep.eval_signature(_args(tmp_path, n_eval=300), "eval_noref", ["sampler.use_ref_latents=false"])
+    assert not sweep.evaluation_done(uri, run, "eval_noref", other)
+    assert not sweep.evaluation_done(uri, run, "eval", sig)  # Table 3's evaluation is not Table 2's
 
 
 def test_sigterm_to_the_sweep_reaches_the_training_process_so_it_can_save(tmp_path, monkeypatch, shared_store):
@@ -313,8 +313,8 @@ def test_sigterm_to_the_sweep_reaches_the_training_process_so_it_can_save(tmp_pa
         "time.sleep(60)\n",
         encoding="utf-8",
     )
-    monkeypatch.setattr(common, "ROOT", tmp_path)
-    job = common.Job(table2.CONFIGS[0], 0, tmp_path / "sweep" / "baseline" / "seed0")
+    monkeypatch.setattr(sweep, "ROOT", tmp_path)
+    job = sweep.Job(table2.CONFIGS[0], 0, tmp_path / "sweep" / "baseline" / "seed0")
 
     def interrupt() -> None:
         deadline = time.monotonic() + 30
@@ -324,8 +324,8 @@ def test_sigterm_to_the_sweep_reaches_the_training_process_so_it_can_save(tmp_pa
 
     before = signal.getsignal(signal.SIGTERM)
     threading.Thread(target=interrupt, daemon=True).start()
-    with pytest.raises(common.Interrupted, match="resume"):
-        common.run_training_job(job, ["seed=0"], tracking_uri=shared_store[0], resume=False)
+    with pytest.raises(sweep.Interrupted, match="resume"):
+        sweep.run_training_job(job, ["seed=0"], tracking_uri=shared_store[0], resume=False)
     assert (job.run_dir / "saved").read_text() == "on SIGTERM"
     assert signal.getsignal(signal.SIGTERM) == before  # the script's own handling is restored
     assert "seed=0" in job.log_path.read_text()

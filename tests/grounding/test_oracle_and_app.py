@@ -17,7 +17,7 @@ from cag import ground
 from cag.data.shards import iter_shard_samples
 from cag.data.synthetic import SyntheticConfig, generate_split
 from cag.grounding import GroundingPipeline, OracleBackend, PromptTemplates, build_report
-from tests.fake_chat_api import OpenAICompatServer, Reply
+from experiments.benchmarks.fake_chat_api import OpenAICompatServer, Reply
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"

@@ -13,7 +13,7 @@ from PIL import Image
 
 from cag.data.sample import Grounding, Sample
 from cag.grounding import GroundingPipeline, OpenAIBackend, PromptTemplates, build_report
-from tests.fake_chat_api import OpenAICompatServer, Reply
+from experiments.benchmarks.fake_chat_api import OpenAICompatServer, Reply
 
 NAMES = ["Ana", "Bea", "Cyd", "Dov", "Eli", "Fay", "Gus", "Hal", "Ivy", "Jo"]
 # HTTP calls each sample costs with max_retries=2 (first answer accepted ends a request).

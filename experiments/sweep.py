@@ -1,7 +1,9 @@
-"""Shared pipeline of the paper's ablations: train each (configuration, seed) -> evaluate -> statistics from MLflow.
+"""A sweep of the paper's ablations: each (configuration, seed) trained, resumed or skipped, then evaluated.
 
-Each script (table2.py, table3.py, fig10.py) only says which configurations to train,
-how to evaluate them, which comparisons the paper makes and how to lay out the result.
+Each script (table2.py, table3.py, fig10.py, ladder.py) says which configurations to train and
+how to evaluate them; this module runs them and reads their results back from MLflow. The
+tables are :mod:`experiments.tables`, the side-by-side page :mod:`experiments.comparison_page`,
+and the command line that ties them together :mod:`experiments.pipeline`.
 
 * **Training** runs through the real CLI, ``python src/train.py``, one subprocess per
   (configuration, training seed) with a fixed run folder ``<out>/train/<config>/seed<k>``.
@@ -16,21 +18,16 @@ how to evaluate them, which comparisons the paper makes and how to lay out the r
   rerun with the same evaluation settings skips it. Every configuration and seed is
   evaluated with the same evaluation seed, so test image *i* is drawn from the same
   noise (seed + i) everywhere: that is what makes the paired differences paired.
-* **Tables, plots and the HTML page** are rebuilt from the tracking store: the runs are
-  found by their ``output_dir`` tag under the sweep folder and their params, and the
-  per-sample scores are read from each evaluation run's ``results.jsonl`` artifact, so a
-  table can be rebuilt later (``--skip-eval``) and ``mlflow ui`` shows the same numbers.
-  Statistics: :mod:`stats` (two-way bootstrap over seeds and test samples).
+* **Results** are read back from the tracking store: the runs are found by their
+  ``output_dir`` tag under the sweep folder and their params, and the per-sample scores come
+  from each evaluation run's ``results.jsonl`` artifact (:func:`load_results`), so a table
+  can be rebuilt later (``--skip-eval``) and ``mlflow ui`` shows the same numbers.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import csv
 import hashlib
-import html
-import io
 import json
 import logging
 import math
@@ -41,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,7 +210,7 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
 
 
-def _client(tracking_uri: str) -> Any:
+def mlflow_client(tracking_uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
@@ -291,7 +288,7 @@ def training_state(tracking_uri: str, job: Job, max_steps: int | None) -> tuple[
     Resume: the folder holds a readable ``last.ckpt`` (a hard kill can leave a truncated
     one; it is moved aside to ``last.ckpt.unreadable`` and the job starts fresh).
     """
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     exp = client.get_experiment_by_name(TRAIN_EXPERIMENT)
     run = _finished_run_for(client, exp.experiment_id if exp else None, job, max_steps)
     if run is not None:
@@ -308,7 +305,7 @@ def training_state(tracking_uri: str, job: Job, max_steps: int | None) -> tuple[
 
 def _mark_stale_runs(tracking_uri: str, job: Job) -> None:
     """A run of this folder still RUNNING was killed hard (no one else trains here): say so in MLflow."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     exp = client.get_experiment_by_name(TRAIN_EXPERIMENT)
     if exp is None:
         return
@@ -379,7 +376,7 @@ def sweep_runs(
     tracking_uri: str, sweep_dir: Path, configs: Sequence[Config], seeds: Sequence[int] = (0,)
 ) -> list[TrainedRun]:
     """The newest FINISHED training run under ``sweep_dir`` for each (configuration, seed), seed-major order."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     exp = client.get_experiment_by_name(TRAIN_EXPERIMENT)
     if exp is None:
         raise RuntimeError(f"no MLflow experiment '{TRAIN_EXPERIMENT}' in {tracking_uri}")
@@ -425,7 +422,7 @@ def eval_signature(args: argparse.Namespace, metric_prefix: str, overrides: Sequ
 
 def evaluation_done(tracking_uri: str, run: TrainedRun, metric_prefix: str, signature: str) -> bool:
     """The training run carries this signature and its evaluation run is FINISHED."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     tags = client.get_run(run.run_id).data.tags
     eval_id = tags.get(f"{metric_prefix}/run_id")
     if tags.get(f"{metric_prefix}/{SIGNATURE_TAG}") != signature or not eval_id:
@@ -500,7 +497,7 @@ def ensure_evaluated(run: TrainedRun, args: argparse.Namespace, out: Path, metri
         metric_prefix=metric_prefix,
         overrides=overrides,
     )
-    _client(args.tracking_uri).set_tag(run.run_id, f"{metric_prefix}/{SIGNATURE_TAG}", signature)
+    mlflow_client(args.tracking_uri).set_tag(run.run_id, f"{metric_prefix}/{SIGNATURE_TAG}", signature)
     return True
 
 
@@ -514,7 +511,7 @@ def load_results(tracking_uri: str, runs: Sequence[TrainedRun], metric_prefix: s
     logged (``mlflow.log_artifacts=false``). Also refreshes the run's metrics.
     """
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run clutters the log
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     for r in runs:
         data = client.get_run(r.run_id).data
         r.metrics = dict(data.metrics)
@@ -559,437 +556,3 @@ def breakdown_scores(rec: SampleResult) -> dict[str, float | None]:
         out[k] = outcomes.count(k) / len(outcomes) if outcomes else None
     return out
 
-
-# --------------------------------------------------------------------------- statistics
-
-
-def by_config(runs: Sequence[TrainedRun]) -> dict[str, list[TrainedRun]]:
-    out: dict[str, list[TrainedRun]] = {}
-    for r in runs:
-        out.setdefault(r.config.label, []).append(r)
-    return out
-
-
-def per_seed_scores(runs: Sequence[TrainedRun], metric: str) -> dict[int, dict[str, float | None]]:
-    """``seed -> sample key -> score`` of one configuration's runs (runs without results are left out)."""
-    return {r.seed: {k: s.get(metric) for k, s in r.samples.items()} for r in runs if r.samples}
-
-
-def _task_types(runs: Sequence[TrainedRun]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for r in runs:
-        out.update(r.task_types)
-    return out
-
-
-def metrics_present(runs: Sequence[TrainedRun]) -> list[str]:
-    """The metrics with at least one per-sample score (the judge's only when a judge ran)."""
-    return [m for m in ALL_METRICS if any(s.get(m) is not None for r in runs for s in r.samples.values())]
-
-
-def compute_statistics(
-    runs: Sequence[TrainedRun], comparisons: Sequence[Comparison], *, n_boot: int = stats.N_BOOT
-) -> dict[str, Any]:
-    """Per-configuration estimates and paired comparisons for every metric present (see :mod:`stats`)."""
-    groups = by_config(runs)
-    types = _task_types(runs)
-    present = metrics_present(runs)
-    configs: dict[str, dict[str, Any]] = {}
-    for label, rs in groups.items():
-        configs[label] = {
-            "seeds": sorted(r.seed for r in rs),
-            "runs": [r.run_id for r in rs],
-            "eval_runs": [r.eval_run_id for r in rs],
-            "metrics": {m: stats.config_estimate(per_seed_scores(rs, m), types, n_boot=n_boot) for m in present},
-        }
-    paired: list[dict[str, Any]] = []
-    for comp in comparisons:
-        if comp.a not in groups or comp.b not in groups:
-            continue
-        for m in present:
-            est = stats.paired_difference(per_seed_scores(groups[comp.a], m), per_seed_scores(groups[comp.b], m),
-                                          types, n_boot=n_boot)
-            paper_metric = m.removeprefix("proxy_")
-            agrees = None
-            if comp.sign is not None and math.isfinite(est.mean) and est.mean != 0:
-                agrees = (est.mean > 0) == (comp.sign > 0)
-            paired.append({"comparison": comp.name, "a": comp.a, "b": comp.b, "metric": m, "estimate": est,
-                           "paper_delta": comp.paper.get(paper_metric), "paper_sign": comp.sign,
-                           "agrees": agrees, "claim": comp.claim})
-    return {"metrics": present, "configs": configs, "paired": paired, "n_boot": n_boot,
-            "method": stats.METHOD, "level": stats.LEVEL, "bootstrap_seed": stats.BOOT_SEED}
-
-
-def fmt(value: float | None, digits: int = 3) -> str:
-    return MISSING if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
-
-
-def fmt_ci(est: stats.Estimate | None) -> str:
-    if est is None or not math.isfinite(est.mean):
-        return MISSING
-    return f"{est.mean:.3f} [{fmt(est.lo)}, {fmt(est.hi)}]"
-
-
-def statistics_note(st: Mapping[str, Any], runs: Sequence[TrainedRun]) -> str:
-    """What the intervals are, whether the judge ran, and how many seeds and samples they rest on."""
-    seeds = sorted({r.seed for r in runs})
-    n = max((len(r.samples) for r in runs), default=0)
-    judge = any(m in st["metrics"] for m in JUDGE_METRICS)
-    parts = [
-        f"Mean [95% CI] over {len(seeds)} training seed(s) ({', '.join(map(str, seeds))}) x {n} test samples; "
-        f"{st['method']}; {st['n_boot']} replicates, bootstrap seed {st['bootstrap_seed']}.",
-        "With one training seed the interval covers test-sample variation only." if len(seeds) == 1 else "",
-        ("PF / SC / Overall: MLLM judge, 0-10." if judge else
-         "PF / SC / Overall: MLLM judge not run (no OPENAI_API_KEY and no judge base_url; see the evaluation runs' "
-         "skipped/* tags)."),
-        "proxy_*: judge-free proxies of the synthetic benchmark, 0-10 (_subjects / _props / _scene: their parts); "
-        "bound / swapped: share of the subjects of two-or-more-subject samples wearing their own / another's "
-        "reference colours (0-1).",
-    ]
-    return " ".join(p for p in parts if p)
-
-
-def write_table(
-    stem: Path,
-    header: Sequence[str],
-    rows: Sequence[Sequence[str]],
-    note: str = "",
-    csv_header: Sequence[str] | None = None,
-    csv_rows: Sequence[Sequence[str]] | None = None,
-) -> tuple[Path, Path]:
-    """``<stem>.md`` (GitHub table plus a note) and ``<stem>.csv`` (same rows, or separate machine-friendly ones)."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    md = stem.with_suffix(".md")
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    md.write_text("\n".join(lines) + "\n" + (f"\n{note}\n" if note else ""), encoding="utf-8")
-    csv_path = stem.with_suffix(".csv")
-    with csv_path.open("w", encoding="utf-8", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(csv_header or header)
-        writer.writerows(csv_rows if csv_rows is not None else rows)
-    return md, csv_path
-
-
-def write_config_table(
-    stem: Path,
-    st: Mapping[str, Any],
-    runs: Sequence[TrainedRun],
-    head: Sequence[str],
-    row_head: Callable[[Config], Sequence[str]],
-    extra_note: str = "",
-) -> tuple[Path, Path]:
-    """One row per configuration: mean [95% CI] per metric (Markdown); mean, lo, hi columns (CSV)."""
-    groups = by_config(runs)
-    show_paper = any(rs[0].config.paper for rs in groups.values())
-    header = [*head, "seeds", *ALL_METRICS, *(["paper PF / SC / Overall"] if show_paper else [])]
-    csv_header = [*head, "seeds", "n_samples"]
-    for m in ALL_METRICS:
-        csv_header += [m, f"{m}_lo", f"{m}_hi"]
-    csv_header += ["runs"]
-    rows, csv_rows = [], []
-    for rs in groups.values():
-        cfg = rs[0].config
-        ests = st["configs"][cfg.label]["metrics"]
-        n = max((e.n_samples for e in ests.values()), default=0)
-        paper = [" / ".join(f"{v:.3f}" for v in cfg.paper) if cfg.paper else MISSING] if show_paper else []
-        rows.append([*row_head(cfg), str(len(rs)), *(fmt_ci(ests.get(m)) for m in ALL_METRICS), *paper])
-        line = [*row_head(cfg), str(len(rs)), str(n)]
-        for m in ALL_METRICS:
-            e = ests.get(m)
-            line += [fmt(e.mean), fmt(e.lo), fmt(e.hi)] if e is not None else [MISSING] * 3
-        csv_rows.append([*line, " ".join(r.run_id for r in rs)])
-    note = statistics_note(st, runs) + (f" {extra_note}" if extra_note else "")
-    return write_table(stem, header, rows, note, csv_header, csv_rows)
-
-
-def write_paired_table(stem: Path, st: Mapping[str, Any], extra_note: str = "") -> tuple[Path, Path]:
-    """One row per (comparison, metric): paired difference [95% CI], P(Δ>0), the paper's Δ and whether the sign agrees."""
-    header = ["comparison", "metric", "Δ [95% CI]", "P(Δ>0)", "CI excludes 0", "paper Δ", "paper sign", "sign agrees",
-              "seeds x samples"]
-    csv_header = ["comparison", "metric", "delta", "lo", "hi", "p_positive", "ci_excludes_zero", "paper_delta",
-                  "paper_sign", "sign_agrees", "n_seeds", "n_samples"]
-    rows, csv_rows = [], []
-    for p in st["paired"]:
-        e: stats.Estimate = p["estimate"]
-        sign = {1: "+", -1: "−", None: "not stated"}[p["paper_sign"]]
-        agrees = MISSING if p["agrees"] is None else ("yes" if p["agrees"] else "NO")
-        excl = "yes" if e.excludes_zero else "no"
-        paper = MISSING if p["paper_delta"] is None else f"{p['paper_delta']:+.3f}"
-        rows.append([p["comparison"], p["metric"], fmt_ci(e), fmt(e.p_positive, 2), excl, paper, sign, agrees,
-                     f"{e.n_seeds} x {e.n_samples}"])
-        csv_rows.append([p["comparison"], p["metric"], fmt(e.mean, 4), fmt(e.lo, 4), fmt(e.hi, 4),
-                         fmt(e.p_positive, 3), excl, paper, sign, agrees, e.n_seeds, e.n_samples])
-    note = ("Paired differences A − B on the same test samples, the same sampling noise (evaluation seed + i) and "
-            "the same training seed; " + stats.METHOD + ". 'sign agrees': the sign of our Δ equals the direction the "
-            "paper reports (its judge scores; the proxies are held to the same direction). 'paper Δ' is the paper's "
-            "judge difference (Tables 2-3, 0-10 scale); our proxies are on another scale, compare signs, not sizes.")
-    return write_table(stem, header, rows, note + (f" {extra_note}" if extra_note else ""), csv_header, csv_rows)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, stats.Estimate):
-        return _jsonable(obj.to_json())  # a metric no sample of a row has (binding with one subject): NaN -> null
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def write_summary_json(path: Path, name: str, st: Mapping[str, Any], args: argparse.Namespace,
-                       extra: Mapping[str, Any] | None = None) -> Path:
-    """The machine-readable result: settings, per-configuration estimates, paired comparisons."""
-    settings = {"seeds": args.seeds, "preset": args.preset, "steps": args.steps, "n_eval": args.n_eval,
-                "num_steps": args.num_steps, "cfg_scale": args.cfg_scale, "train_override": args.train_override,
-                "eval_override": args.eval_override, "from_sweep": str(args.from_sweep) if args.from_sweep else None}
-    payload = {"experiment": name, "settings": settings, **_jsonable(dict(st)), **_jsonable(dict(extra or {}))}
-    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8")
-    return path
-
-
-# --------------------------------------------------------------------------- visual comparison page
-
-
-def _data_uri(image: Any, side: int) -> str:
-    from PIL import Image
-
-    im = image if isinstance(image, Image.Image) else Image.open(image)
-    im = im.convert("RGB")
-    scale = side / max(im.size)
-    resample = Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS
-    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), resample)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _figure(image: Any, caption: str, side: int, cls: str = "") -> str:
-    cap = html.escape(caption).replace("\n", "<br>")
-    if image is None or (isinstance(image, str | Path) and not Path(image).is_file()):
-        return f'<figure class="missing {cls}"><div class="none">not on disk</div><figcaption>{cap}</figcaption></figure>'
-    return (f'<figure class="{cls}"><img src="{_data_uri(image, side)}" alt="{html.escape(caption.splitlines()[0])}" '
-            f'width="{side}" height="{side}"><figcaption>{cap}</figcaption></figure>')
-
-
-_PAGE_CSS = """
-body{font-family:system-ui,sans-serif;margin:1.2em;color:#222}
-table.stats{border-collapse:collapse;margin:.6em 0 1.2em}
-table.stats td,table.stats th{border:1px solid #bbb;padding:.2em .5em;text-align:right;font-size:.85em}
-table.stats td:first-child,table.stats th:first-child{text-align:left}
-section.item{border-top:1px solid #ccc;padding:.6em 0}
-.row{display:flex;flex-wrap:wrap;gap:.5em;align-items:flex-start}
-figure{margin:0;text-align:center;font-size:.75em;max-width:150px}
-figure img{image-rendering:pixelated;border:1px solid #999}
-figure.target img{outline:3px solid #27a}
-figure.gen img{outline:3px solid #2a7}
-figure.missing .none{width:128px;height:128px;background:#eee;color:#a33;display:flex;align-items:center;justify-content:center}
-.sep{width:1px;background:#ccc;align-self:stretch}
-.instruction{max-width:70em;font-size:.9em;margin:.2em 0 .5em}
-"""
-
-
-def benchmark_targets(eval_overrides: Sequence[str], keys: Sequence[str], n: int) -> dict[str, Any]:
-    """Target images of the test samples (regenerated from the benchmark config the evaluation used), by key."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    # local: as in evaluate_run, torch only when the page needs target images
-    from evaluation.runner import load_benchmark
-
-    try:
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose(config_name="evaluate", overrides=list(eval_overrides))
-        data = OmegaConf.to_container(cfg.data, resolve=True)
-        samples = load_benchmark(data, n)  # type: ignore[arg-type]
-    except Exception as exc:  # the page is still useful without targets
-        log.warning("targets not available for the HTML page: %s", exc)
-        return {}
-    wanted = set(keys)
-    return {s.key: s.target for s in samples if s.key in wanted and s.target is not None}
-
-
-def write_comparison_html(
-    path: Path,
-    title: str,
-    runs: Sequence[TrainedRun],
-    st: Mapping[str, Any],
-    *,
-    n_items: int = 8,
-    eval_overrides: Sequence[str] = (),
-    side: int = 128,
-) -> Path:
-    """One self-contained page: for ``n_items`` test items spread over the test set, the references, the target
-    and every configuration's image (first training seed) with its proxy scores, after the statistics table.
-
-    Images are embedded as base64 PNG, so the file can be attached to MLflow or mailed alone.
-    """
-    groups = by_config(runs)
-    first = {label: min(rs, key=lambda r: r.seed) for label, rs in groups.items()}
-    any_run = next((r for r in first.values() if r.samples), None)
-    keys = list(any_run.samples) if any_run else []
-    if keys and n_items > 0:
-        step = max(1, len(keys) // n_items)
-        chosen = keys[::step][:n_items]
-    else:
-        chosen = []
-    targets = benchmark_targets(eval_overrides, chosen, len(keys)) if chosen else {}
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{_PAGE_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
-    # statistics table
-    metrics = st.get("metrics", [])
-    parts.append("<table class='stats'><tr><th>configuration</th><th>seeds</th>"
-                 + "".join(f"<th>{html.escape(m)}</th>" for m in metrics) + "</tr>")
-    for label, info in st.get("configs", {}).items():
-        cells = "".join(f"<td>{html.escape(fmt_ci(info['metrics'].get(m)))}</td>" for m in metrics)
-        parts.append(f"<tr><td>{html.escape(label)}</td><td>{len(info['seeds'])}</td>{cells}</tr>")
-    parts.append("</table>")
-    overall = [p for p in st.get("paired", []) if p["metric"] in ("Overall", "proxy_Overall")]
-    if overall:
-        parts.append("<table class='stats'><tr><th>paired difference</th><th>metric</th><th>Δ [95% CI]</th>"
-                     "<th>paper Δ</th><th>sign agrees</th></tr>")
-        for p in overall:
-            paper = MISSING if p["paper_delta"] is None else f"{p['paper_delta']:+.3f}"
-            agrees = MISSING if p["agrees"] is None else ("yes" if p["agrees"] else "NO")
-            parts.append(f"<tr><td>{html.escape(p['comparison'])}</td><td>{p['metric']}</td>"
-                         f"<td>{html.escape(fmt_ci(p['estimate']))}</td><td>{paper}</td><td>{agrees}</td></tr>")
-        parts.append("</table>")
-    parts.append(f"<p class='note'>{html.escape(statistics_note(st, runs))} Images below: training seed "
-                 f"{min((r.seed for r in runs), default=0)} of each configuration, same sampling noise per item.</p>")
-    for key in chosen:
-        ref_run = any_run
-        assert ref_run is not None
-        parts.append(f"<section class='item' data-key='{html.escape(key)}'><h3>{html.escape(key)} "
-                     f"<small>({html.escape(ref_run.task_types.get(key, ''))})</small></h3>")
-        parts.append(f"<div class='instruction'>{html.escape(ref_run.instructions.get(key, ''))}</div><div class='row'>")
-        for i, ref in enumerate(ref_run.references.get(key, []), start=1):
-            parts.append(_figure(ref, f"reference {i}", side))
-        parts.append(_figure(targets.get(key), "target", side, "target"))
-        parts.append("<div class='sep'></div>")
-        for label, r in first.items():
-            s = r.samples.get(key, {})
-            score = " ".join(f"{m.removeprefix('proxy_')} {fmt(s.get(m), 2)}" for m in PROXY_METRICS)
-            judge = " ".join(f"{m} {fmt(s.get(m), 1)}" for m in JUDGE_METRICS if s.get(m) is not None)
-            caption = f"{label}\nproxy {score}" + (f"\njudge {judge}" if judge else "")
-            parts.append(_figure(r.images.get(key), caption, side, "gen"))
-        parts.append("</div></section>")
-    if not chosen:
-        parts.append("<p>No per-sample results in MLflow for these runs.</p>")
-    # lets a headless browser report how many images decoded (tests/experiments read it with --dump-dom)
-    parts.append("<script>window.addEventListener('load',function(){var n=0;for(var i of document.images)"
-                 "{if(i.complete&&i.naturalWidth>0)n++;}document.body.setAttribute('data-images-loaded',n);});"
-                 "</script></body></html>")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(parts), encoding="utf-8")
-    return path
-
-
-# --------------------------------------------------------------------------- summary run and pipeline
-
-
-def log_summary(tracking_uri: str, name: str, files: Sequence[Path], runs: Sequence[TrainedRun],
-                args: argparse.Namespace) -> str:
-    """One run in ``cag-experiments`` holding the tables/plot/page as artifacts and naming the training runs it used."""
-    client = _client(tracking_uri)
-    exp = client.get_experiment_by_name(SUMMARY_EXPERIMENT)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(SUMMARY_EXPERIMENT)
-    tags = {"mlflow.runName": name, "experiment": name, "train_run_ids": ",".join(r.run_id for r in runs),
-            "out": str(Path(args.out).resolve())}
-    run = client.create_run(exp_id, tags=tags)
-    for key in ("seeds", "preset", "steps", "n_eval", "num_steps", "cfg_scale", "n_boot"):
-        value = getattr(args, key, None)
-        client.log_param(run.info.run_id, key, "default" if value is None else str(value))
-    for f in files:
-        client.log_artifact(run.info.run_id, str(f))
-    client.set_terminated(run.info.run_id, "FINISHED")
-    return run.info.run_id
-
-
-Builder = Callable[[Sequence[TrainedRun], Path, argparse.Namespace], list[Path]]
-
-
-def run_pipeline(
-    args: argparse.Namespace,
-    *,
-    name: str,
-    configs: Sequence[Config],
-    metric_prefix: str,
-    eval_overrides: Sequence[str],
-    build: Builder,
-) -> list[Path]:
-    """For each (configuration, seed): train or resume or skip, then evaluate or skip; then tables from MLflow."""
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    args.out = out
-    seeds = list(range(args.seeds))
-    sweep_dir = Path(args.from_sweep).resolve() if args.from_sweep is not None else out / "train"
-    done = {"trained": 0, "resumed": 0, "skipped": 0, "evaluated": 0, "eval_skipped": 0}
-    start = time.perf_counter()
-    for job in plan_jobs(configs, seeds, sweep_dir):
-        if args.from_sweep is None:
-            done[ensure_trained(job, args, name)] += 1
-        if not args.skip_eval:
-            run = find_run(args.tracking_uri, sweep_dir, job.config, job.seed)
-            overrides = [*eval_overrides, *job.config.eval_overrides, *args.eval_override]
-            ran = ensure_evaluated(run, args, out, metric_prefix, overrides)
-            done["evaluated" if ran else "eval_skipped"] += 1
-    runs = sweep_runs(args.tracking_uri, sweep_dir, configs, seeds)
-    load_results(args.tracking_uri, runs, metric_prefix)
-    files = build(runs, out, args)
-    run_id = log_summary(args.tracking_uri, name, files, runs, args)
-    print(f"[{name}] jobs: {done}; {time.perf_counter() - start:.0f} s", flush=True)
-    print(f"[{name}] wrote " + ", ".join(str(f) for f in files) + f" (MLflow run {run_id} in '{SUMMARY_EXPERIMENT}')")
-    return files
-
-
-def cli(
-    argv: Sequence[str] | None,
-    *,
-    doc: str | None,
-    name: str,
-    configs: Sequence[Config],
-    metric_prefix: str,
-    build: Builder,
-    eval_overrides: Sequence[str] = (),
-) -> list[Path]:
-    """The command line every experiment shares: parse the common arguments, then :func:`run_pipeline`."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, name)
-    args = parser.parse_args(argv)
-    if args.seeds < 1:
-        parser.error("--seeds must be at least 1")
-    try:
-        return run_pipeline(args, name=name, configs=configs, metric_prefix=metric_prefix,
-                            eval_overrides=eval_overrides, build=build)
-    except Interrupted as exc:
-        print(str(exc), file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
-
-
-def standard_outputs(
-    runs: Sequence[TrainedRun],
-    out: Path,
-    args: argparse.Namespace,
-    *,
-    name: str,
-    title: str,
-    head: Sequence[str],
-    row_head: Callable[[Config], Sequence[str]],
-    comparisons: Sequence[Comparison],
-    eval_overrides: Sequence[str] = (),
-    note: str = "",
-    extra: Mapping[str, Any] | None = None,
-    stats_result: Mapping[str, Any] | None = None,
-) -> list[Path]:
-    """Configuration table, paired-difference table, summary JSON and the HTML page of one study."""
-    st = stats_result if stats_result is not None else compute_statistics(
-        runs, comparisons, n_boot=getattr(args, "n_boot", stats.N_BOOT))
-    md, csv_path = write_config_table(out / name, st, runs, head, row_head, note)
-    pmd, pcsv = write_paired_table(out / f"{name}_paired", st)
-    js = write_summary_json(out / f"{name}_summary.json", name, st, args, extra)
-    page = write_comparison_html(out / f"{name}.html", title, runs, st,
-                                 n_items=getattr(args, "html_samples", 8),
-                                 eval_overrides=[*eval_overrides, *getattr(args, "eval_override", [])])
-    return [md, csv_path, pmd, pcsv, js, page]

@@ -3,8 +3,9 @@
 Mocking the openai client would test our assumptions about it, not the client itself: its
 error classes, header handling and connection pool are exactly where retry and
 Retry-After bugs hide. So tests talk HTTP to this server, whose answers, errors and
-latency are scripted by a ``responder``. It is test support code, so it lives under
-``tests/``; the judge benchmarks import it from here too.
+latency are scripted by a ``responder``. It lives with the benchmarks, which need it at run
+time (``python experiments/benchmarks/bench_judge.py``, installed like the rest of the package);
+the tests import it from here too.
 """
 
 from __future__ import annotations

@@ -28,7 +28,14 @@ from email.parser import BytesParser
 from email.policy import HTTP
 from typing import Any
 
-from tests.fake_chat_api import OpenAICompatServer, Reply, Responder, _Handler, _Server, echo_responder
+from experiments.benchmarks.fake_chat_api import (
+    OpenAICompatServer,
+    Reply,
+    Responder,
+    _Handler,
+    _Server,
+    echo_responder,
+)
 
 
 @dataclass

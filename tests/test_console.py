@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -139,3 +140,14 @@ def test_evaluation_entry_point_sets_up_logging_before_evaluating(monkeypatch):
     monkeypatch.delenv(logs.LEVEL_ENV, raising=False)
     run.main.__wrapped__(SimpleNamespace())
     assert seen["httpx"] == logging.WARNING
+
+
+@pytest.mark.parametrize("bar", ["true", "false"])
+def test_an_early_line_on_the_terminal_says_how_long_the_run_takes_on_this_machine(tmp_path, log_file, bar):
+    path, console = log_file
+    train(_cfg(tmp_path, "trainer.max_steps=6", f"trainer.enable_progress_bar={bar}",
+               "callbacks.progress_log.every_n_steps=100", "callbacks.progress_log.estimate_after=3"))
+    lines = [r.getMessage() for r in console.buffer if r.name == "cag.eta"]
+    assert len(lines) == 1, lines  # once, early, whether or not the bar is on
+    assert re.search(r"at \d+\.\d\d s/step \(steps 2-4\): the remaining 2 of 6 steps take about \d+:\d\d:\d\d", lines[0])
+    assert lines[0] in path.read_text()

@@ -7,6 +7,11 @@ went. :class:`ProgressLog` writes one line through Python logging (logger
 bar is on the terminal, the lines go to the log file only (the bar already shows them
 there); without a bar (``trainer.enable_progress_bar=false``, batch jobs) they go wherever
 the root logger writes, the console included.
+
+One line always reaches the terminal as well, early: after ``estimate_after`` steps (the
+first step, which pays for start-up, is left out of the measurement) it says how fast this
+machine trains and how long the rest of the run will take here (logger ``cag.eta``). Machines
+of one kind differ by about 2x, so no fixed figure in a README can say that.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 import lightning as L
 
 log = logging.getLogger("cag.progress")
+eta_log = logging.getLogger("cag.eta")  # not under cag.progress: it reaches the terminal beside the bar
 
 
 def _clock(seconds: float) -> str:
@@ -28,10 +34,14 @@ def _clock(seconds: float) -> str:
 class ProgressLog(L.Callback):
     """One log line every ``every_n_steps`` optimizer steps (global rank 0 only)."""
 
-    def __init__(self, every_n_steps: int = 25) -> None:
+    def __init__(self, every_n_steps: int = 25, estimate_after: int = 20) -> None:
         if every_n_steps < 1:
             raise ValueError(f"ProgressLog needs every_n_steps >= 1, got {every_n_steps}")
+        if estimate_after < 1:
+            raise ValueError(f"ProgressLog needs estimate_after >= 1, got {estimate_after}")
         self.every_n_steps = int(every_n_steps)
+        self.estimate_after = int(estimate_after)
+        self._estimate_from: tuple[int, float] | None = None
         self._routed: tuple[list[logging.Handler], bool] | None = None
         self._start = time.perf_counter()
         self._reset_window(0)
@@ -63,6 +73,7 @@ class ProgressLog(L.Callback):
         self._route_to_files(trainer)
         self._start = time.perf_counter()
         self._start_step = trainer.global_step
+        self._estimate_from = None
         self._reset_window(trainer.global_step)
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         log.info("training from step %d to %s; progress every %d steps", trainer.global_step,
@@ -75,8 +86,24 @@ class ProgressLog(L.Callback):
         pixels = batch.get("target_pixels") if isinstance(batch, dict) else None
         self._window_samples += (int(pixels.shape[0]) if pixels is not None else 0) * trainer.world_size
         step = trainer.global_step
+        if step == self._start_step + 1:
+            self._estimate_from = (step, time.perf_counter())
+        elif self._estimate_from is not None and step == self._estimate_from[0] + self.estimate_after:
+            self._estimate(trainer, step)
         if step > self._window_step and step % self.every_n_steps == 0:
             self._write(trainer, step)
+
+    def _estimate(self, trainer: L.Trainer, step: int) -> None:
+        assert self._estimate_from is not None
+        first, since = self._estimate_from
+        per_step = (time.perf_counter() - since) / (step - first)
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        if total is None:
+            eta_log.info("this machine trains at %.2f s/step (steps %d-%d)", per_step, first + 1, step)
+            return
+        eta_log.info("this machine trains at %.2f s/step (steps %d-%d): the remaining %d of %d steps take about %s "
+                     "(progress every %d steps in the run's train.log)", per_step, first + 1, step, total - step, total,
+                     _clock((total - step) * per_step), self.every_n_steps)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:

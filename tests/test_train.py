@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import mlflow
 import pytest
 import torch
@@ -112,6 +113,50 @@ def test_checkpoint_of_another_model_config_is_refused(tmp_path):
     with open_dict(other):
         other.paths.output_dir = str(tmp_path / "other")
     with pytest.raises(Exception, match="num_layers|does not fit|model config"):
+        train(other)
+
+
+class _FirstWeightsCallback(L.Callback):
+    """Records the DiT's trainable weights when training starts (after init_from, before any update)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        _FIRST_WEIGHTS.clear()
+        _FIRST_WEIGHTS.update({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+
+_FIRST_WEIGHTS: dict = {}
+
+
+def test_init_from_starts_the_dit_from_the_base_checkpoints_ema_and_logs_its_digest(tmp_path):
+    import hashlib
+
+    base = train(_cfg(tmp_path, "trainer.max_steps=3", "data.epoch_batches=3"))["last_ckpt"]
+    saved = torch.load(base, map_location="cpu", weights_only=True)
+    cfg = _cfg(tmp_path, "trainer.max_steps=1", "data.epoch_batches=1", f"init_from={base}", "seed=7",
+               "logger.mlflow.run_name=finetune")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "finetune")
+        cfg.callbacks.first = {"_target_": "tests.test_train._FirstWeightsCallback"}
+    result = train(cfg)
+    assert result["global_step"] == 1  # optimizer, schedule and step start fresh
+    start = _FIRST_WEIGHTS
+    assert set(start) == set(saved["ema_state_dict"])
+    for k, v in saved["ema_state_dict"].items():  # the EMA weights, not the raw ones
+        torch.testing.assert_close(start[k], v.to(start[k].dtype), rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(saved["ema_state_dict"][k], saved["state_dict"][k]) for k in saved["state_dict"])
+    runs = _runs(tmp_path)
+    row = runs[runs["tags.mlflow.runName"] == "finetune"].iloc[0]
+    assert row["params.init_from_sha256"] == hashlib.sha256(Path(base).read_bytes()).hexdigest()
+
+
+def test_init_from_a_missing_file_or_another_architecture_is_refused_by_name(tmp_path):
+    with pytest.raises(ConfigError, match="init_from=.*nowhere.ckpt does not exist"):
+        train(_cfg(tmp_path, "trainer.max_steps=1", f"init_from={tmp_path / 'nowhere.ckpt'}"))
+    base = train(_cfg(tmp_path, "trainer.max_steps=2", "data.epoch_batches=2"))["last_ckpt"]
+    other = _cfg(tmp_path, "trainer.max_steps=1", "model.transformer.num_layers=3", f"init_from={base}")
+    with open_dict(other):
+        other.paths.output_dir = str(tmp_path / "other")
+    with pytest.raises(Exception, match=r"init_from=.*num_layers"):
         train(other)
 
 

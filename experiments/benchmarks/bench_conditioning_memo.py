@@ -10,7 +10,7 @@ every epoch after the first costs). The two are interleaved batch by batch so ma
 hits both alike. Prints medians, interquartile ranges and the ratio. This is the gain of a step
 whose samples are all memoised; a whole run gains less, because each epoch draws its batches
 from a fresh permutation and new samples keep arriving (measure that with two training runs,
-``conditioning_memo=0`` against the default; README, "Learning efficiency").
+``conditioning_memo=0`` against the default; docs/learning_efficiency.md).
 """
 
 from __future__ import annotations

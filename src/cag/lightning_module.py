@@ -137,6 +137,24 @@ class CAGLightningModule(L.LightningModule):
             )
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 
+    def initialise_from(self, checkpoint: Mapping[str, Any], name: str) -> str:
+        """Start the DiT from another run's weights (its EMA when it kept one): a fine-tune from a base model.
+
+        Only the weights are taken; the optimizer, schedule, step and data position start fresh, as the
+        paper's fine-tunes start from released weights. A checkpoint of another architecture is refused
+        naming both configs. Returns which weights were used (``ema`` or ``raw``).
+        """
+        saved = (checkpoint.get("hyper_parameters") or {}).get("model")
+        mine = self.hparams["model"]
+        if saved is None or model_architecture(saved) != model_architecture(mine):
+            raise CheckpointMismatchError(
+                f"init_from={name}: trained with model config {(saved or {}).get('name')!r} "
+                f"{model_architecture(saved or {})}; this run builds {mine.get('name')!r} {model_architecture(mine)}"
+            )
+        ema = checkpoint.get("ema_state_dict")
+        self.load_state_dict(ema or checkpoint["state_dict"])
+        return "ema" if ema else "raw"
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         restore_rng_state(checkpoint, self._training_device())
         saved = checkpoint.get("hyper_parameters", {}).get("model")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -82,6 +83,23 @@ def check_resume_checkpoint(path: str | None) -> None:
             raise ConfigError(f"ckpt_path={exc}") from exc
 
 
+def read_init_checkpoint(path: str | None) -> tuple[dict[str, Any], str] | None:
+    """``init_from``: the base checkpoint and its SHA-256, named in the error before anything is built."""
+    if not path:
+        return None
+    if not Path(path).is_file():
+        raise ConfigError(f"init_from={path} does not exist (a last.ckpt or best-*.ckpt written by src/train.py)")
+    try:
+        ckpt = read_checkpoint(path, need_model_config=True)
+    except CheckpointLoadError as exc:
+        raise ConfigError(f"init_from={exc}") from exc
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return ckpt, digest.hexdigest()
+
+
 def instantiate_group(group: DictConfig | None) -> list[Any]:
     """``_target_`` dicts -> objects (loggers, callbacks), skipping null entries."""
     out = []
@@ -96,6 +114,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     setup_logging()
     validate_train_config(cfg)
     check_resume_checkpoint(cfg.get("ckpt_path"))
+    base = None if cfg.get("ckpt_path") else read_init_checkpoint(cfg.get("init_from"))  # a resume has its weights
     L.seed_everything(cfg.seed, workers=True)
 
     if cfg.get("logger") and cfg.logger.get("mlflow") is not None:
@@ -114,12 +133,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         vae_dropout=cfg.vae_dropout, text_dropout=cfg.text_dropout, seed=cfg.seed, ema_decay=cfg.ema_decay,
         conditioning_memo=cfg.conditioning_memo,
     )
+    if base is not None:
+        used = module.initialise_from(base[0], str(cfg.init_from))
+        log.info("starting from %s (%s weights, sha256 %s)", cfg.init_from, used, base[1][:12])
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     avoid_double_checkpointing(cfg.trainer.get("strategy"), module.model.transformer)  # FSDP checkpoints blocks itself
     for lg in loggers:
         lg.log_hyperparams(flatten_config(cfg))
         if isinstance(lg, MLFlowLogger):  # experiment kind (runs table first) and what this run trains on
             log_training_run_metadata(lg.experiment, lg.experiment_id, lg.run_id, datamodule)
+            if base is not None:  # which base a fine-tune started from, by content
+                lg.experiment.log_param(lg.run_id, "init_from_sha256", base[1])
 
     fit_start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)

@@ -2,6 +2,7 @@
 
     python experiments/ladder.py                                   # levels 0-4, study preset, 300 test samples each
     python experiments/ladder.py --levels 0,3 --no-colour-words    # the same levels, colours left out of the text
+    python experiments/ladder.py --levels 3 --init-from BASE.ckpt --out outputs/experiments/ladder_ft   # fine-tunes
     python experiments/ladder.py --levels 0 --preset default --steps 6 --n-eval 4 --num-steps 4 \
         --train-override data.batch_size=2 --curve-every 3         # the CI-sized version
 
@@ -126,12 +127,19 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
                         help="instructions name each subject and its place only (data.synthetic.describe_colours=false)")
     parser.add_argument("--curve-every", type=int, default=500, help="keep a checkpoint every N steps for the curve")
     parser.add_argument("--curve-n", type=int, default=100, help="test samples per learning-curve point")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="fine-tune every level from this checkpoint (init_from=...; docs/design.md, "
+                             "'Fine-tuning from a base (init_from)') instead of training from scratch")
     args = parser.parse_args(argv)
     levels = [int(v) for v in args.levels.split(",")]
     if bad := [v for v in levels if v not in LEVELS]:
         parser.error(f"--levels {bad}: the ladder has levels {list(LEVELS)}")
     configs = configs_for(levels, not args.no_colour_words)
     args.train_override = [*args.train_override, _curve_override(args.curve_every)]
+    if args.init_from is not None:
+        if not args.init_from.is_file():
+            parser.error(f"--init-from {args.init_from}: no such checkpoint")
+        args.train_override.append(f"init_from={args.init_from.resolve()}")
 
     def build(runs: Sequence[TrainedRun], out: Path, a: argparse.Namespace) -> list[Path]:
         files = pipeline.standard_outputs(

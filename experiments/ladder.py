@@ -46,21 +46,24 @@ WHAT = {
 CURVE_PREFIX = "curve"
 
 
-def level_config(level: int, colour_words: bool) -> Config:
+def level_config(level: int, colour_words: bool, attention: str = "masked") -> Config:
     data = [f"synthetic@data.synthetic=level{level}"]
     label = f"level {level}"
     if not colour_words:
         data.append("data.synthetic.describe_colours=false")
         label += " no colours"
+    if attention != "masked":
+        label += f" {attention} attention"
     params = (("data/synthetic/num_characters", str((1, 1, 1, 2, 3)[level])),
               ("data/synthetic/place", "centre" if level == 0 else "text"),
               ("data/synthetic/shot", "medium" if level in (0, 1) else "text"),
               ("data/synthetic/describe_colours", str(colour_words)))
-    return Config("masked", 0.0, label, ("experiment=ablation_mask", *data), params=params, eval_overrides=tuple(data))
+    experiment = "experiment=ablation_mask" if attention == "masked" else "experiment=baseline"  # no VAE dropout
+    return Config(attention, 0.0, label, (experiment, *data), params=params, eval_overrides=tuple(data))
 
 
-def configs_for(levels: Sequence[int], colour_words: bool) -> list[Config]:
-    return [level_config(v, colour_words) for v in levels]
+def configs_for(levels: Sequence[int], colour_words: bool, attention: str = "masked") -> list[Config]:
+    return [level_config(v, colour_words, attention) for v in levels]
 
 
 def _curve_override(every: int) -> str:
@@ -127,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
                         help="instructions name each subject and its place only (data.synthetic.describe_colours=false)")
     parser.add_argument("--curve-every", type=int, default=500, help="keep a checkpoint every N steps for the curve")
     parser.add_argument("--curve-n", type=int, default=100, help="test samples per learning-curve point")
+    parser.add_argument("--attention", choices=("masked", "full"), default="masked",
+                        help="masked (experiment=ablation_mask, the tiny default) or full (experiment=baseline)")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="fine-tune every level from this checkpoint (init_from=...; docs/design.md, "
                              "'Fine-tuning from a base (init_from)') instead of training from scratch")
@@ -134,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     levels = [int(v) for v in args.levels.split(",")]
     if bad := [v for v in levels if v not in LEVELS]:
         parser.error(f"--levels {bad}: the ladder has levels {list(LEVELS)}")
-    configs = configs_for(levels, not args.no_colour_words)
+    configs = configs_for(levels, not args.no_colour_words, args.attention)
     args.train_override = [*args.train_override, _curve_override(args.curve_every)]
     if args.init_from is not None:
         if not args.init_from.is_file():

@@ -33,6 +33,7 @@ def read_parts(eval_dir: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no results.jsonl (run `python evaluation/run.py` first)")
     rows: dict[str, list[float]] = {k: [] for k in (*HEADLINE, *PARTS, *BINDING)}
+    keys: list[str] = []
     for line_no, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -42,6 +43,7 @@ def read_parts(eval_dir: Path) -> dict[str, np.ndarray]:
             continue
         if "parts" not in proxy:
             raise ValueError(f"{path}:{line_no} (sample {rec.get('key')!r}) has no proxy parts: re-run the evaluation")
+        keys.append(str(rec["key"]))
         for k in HEADLINE:
             rows[k].append(float(rec["scores"][k]))
         for k in PARTS:
@@ -52,7 +54,34 @@ def read_parts(eval_dir: Path) -> dict[str, np.ndarray]:
             rows[k].append(outcomes.count(k) / len(outcomes) if outcomes else float("nan"))
     if not rows["proxy_overall"]:
         raise ValueError(f"{path}: no sample has proxy scores")
-    return {k: np.asarray(v, dtype=float) for k, v in rows.items()}
+    out = {k: np.asarray(v, dtype=float) for k, v in rows.items()}
+    out["keys"] = np.asarray(keys)
+    return out
+
+
+def paired_table(a: dict[str, np.ndarray], b: dict[str, np.ndarray], label: str) -> str:
+    """A − B on the test samples both runs scored (same keys), per column, with its bootstrap interval.
+
+    Pairing is what makes two runs on the same test split comparable to a few hundredths: the same
+    sample (and, in this platform, the same sampling noise) on both sides cancels out.
+    """
+    common = [k for k in a["keys"] if k in set(b["keys"])]
+    if not common:
+        raise ValueError("the two runs share no test sample key: nothing to pair")
+    ia = {k: i for i, k in enumerate(a["keys"])}
+    ib = {k: i for i, k in enumerate(b["keys"])}
+    cells = []
+    for col in (*HEADLINE, *PARTS, *BINDING):
+        d = np.asarray([a[col][ia[k]] - b[col][ib[k]] for k in common], dtype=float)
+        d = d[np.isfinite(d)]
+        if not len(d):
+            cells.append("—")
+            continue
+        est = bootstrap(d[None, :], difference=True)
+        cells.append(f"{est.mean:+.2f} [{est.lo:+.2f}, {est.hi:+.2f}]")
+    cols = (*HEADLINE, *PARTS, *BINDING)
+    return "\n".join(["| paired difference | n | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2),
+                      f"| {label} | {len(common)} | " + " | ".join(cells) + " |"])
 
 
 def breakdown_table(runs: dict[str, dict[str, np.ndarray]]) -> str:
@@ -75,11 +104,20 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("eval_dirs", nargs="+", type=Path)
     ap.add_argument("--labels", default=None, help="comma-separated row names (default: the folder names)")
+    ap.add_argument("--paired", action="store_true",
+                    help="with two folders: also print their paired difference (first − second) on the shared samples")
     args = ap.parse_args(argv)
     labels = args.labels.split(",") if args.labels else [d.name if d.name != "eval" else d.parent.name for d in args.eval_dirs]
     if len(labels) != len(args.eval_dirs):
         raise SystemExit(f"--labels names {len(labels)} runs, {len(args.eval_dirs)} folders were given")
-    print(breakdown_table({lab: read_parts(d) for lab, d in zip(labels, args.eval_dirs, strict=True)}))
+    parts = {lab: read_parts(d) for lab, d in zip(labels, args.eval_dirs, strict=True)}
+    print(breakdown_table(parts))
+    if args.paired:
+        if len(parts) != 2:
+            raise SystemExit("--paired compares exactly two evaluation folders")
+        (la, a), (lb, b) = parts.items()
+        print()
+        print(paired_table(a, b, f"{la} − {lb}"))
 
 
 if __name__ == "__main__":

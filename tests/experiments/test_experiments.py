@@ -183,8 +183,8 @@ def _eval_runs(uri: str) -> list[Any]:
 def test_killed_sweep_reruns_only_unfinished_work_and_resumes_from_last_ckpt(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     cmd = _cmd("table3.py", tmp_path, "--seeds", "2", *_eval_flags(tmp_path, None), steps=12)
-    sweep = tmp_path / "table3" / "train"
-    third = sweep / "w_o_VAE_dropout" / "seed1"  # jobs run seed-major: (w/o, 0), (w/, 0), (w/o, 1), (w/, 1)
+    sweep_dir = tmp_path / "table3" / "train"
+    third = sweep_dir / "w_o_VAE_dropout" / "seed1"  # jobs run seed-major: (w/o, 0), (w/, 0), (w/o, 1), (w/, 1)
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     deadline = time.monotonic() + 1500  # generous: CI machines are shared

@@ -455,6 +455,11 @@ def overall_score(pf: float, sc: float) -> float:
     return overall_per_sample(pf, sc)
 
 
+# the parts' names as metrics (MLflow, summary.json, the sweep tables), each on the proxies' 0-10 scale
+PART_METRIC_NAMES = {"pf_subjects": "proxy_PF_subjects", "sc_subjects": "proxy_SC_subjects",
+                     "pf_props": "proxy_PF_props", "sc_scene": "proxy_SC_scene"}
+
+
 def proxy_parts(pf_details: dict[str, float], sc_details: dict[str, float], truth: Truth) -> dict[str, float | None]:
     """Where a proxy score comes from: subjects against props (PF), subjects against the scene (SC).
 

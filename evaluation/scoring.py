@@ -22,6 +22,7 @@ from cag.data.sample import Sample
 from evaluation.external import ExternalImages
 from evaluation.proxies import (
     BINDING_OUTCOMES,
+    PART_METRIC_NAMES,
     TruthError,
     binding_details,
     binding_rates,
@@ -337,11 +338,6 @@ def summary_rows(
     return rows, headline
 
 
-# proxy parts (0-10, as the proxies) and binding rates (0-1) in the headline: MLflow metrics and summary.json
-PART_METRICS = {"pf_subjects": "proxy_PF_subjects", "pf_props": "proxy_PF_props",
-                "sc_subjects": "proxy_SC_subjects", "sc_scene": "proxy_SC_scene"}
-
-
 def proxy_breakdown(results: Sequence[SampleResult]) -> dict[str, float]:
     """Where the proxies come from, over the run: the mean of each part, and the binding rates.
 
@@ -351,7 +347,7 @@ def proxy_breakdown(results: Sequence[SampleResult]) -> dict[str, float]:
     proxies = [(r.details or {}).get("proxy") or {} for r in results]
     proxies = [p for p in proxies if "parts" in p]
     out: dict[str, float] = {}
-    for part, name in PART_METRICS.items():
+    for part, name in PART_METRIC_NAMES.items():
         values = [p["parts"][part] for p in proxies if p["parts"].get(part) is not None]
         if values:
             out[name] = 10.0 * sum(values) / len(values)

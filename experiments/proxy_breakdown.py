@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evaluation.proxies import binding_rates
 from experiments.stats import bootstrap
 
 PARTS = ("pf_subjects", "pf_props", "sc_subjects", "sc_scene")
@@ -49,9 +50,9 @@ def read_parts(eval_dir: Path) -> dict[str, np.ndarray]:
         for k in PARTS:
             v = proxy["parts"].get(k)
             rows[k].append(10.0 * float(v) if v is not None else float("nan"))
-        outcomes = list((proxy.get("binding") or {}).values())  # results from before the binding metric: none
+        rates = binding_rates([proxy.get("binding") or {}])  # results from before the binding metric: none
         for k in BINDING:
-            rows[k].append(outcomes.count(k) / len(outcomes) if outcomes else float("nan"))
+            rows[k].append(float("nan") if rates[k] is None else rates[k])
     if not rows["proxy_overall"]:
         raise ValueError(f"{path}: no sample has proxy scores")
     out = {k: np.asarray(v, dtype=float) for k, v in rows.items()}

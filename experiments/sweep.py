@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.aggregate import overall_per_sample
+from evaluation.proxies import PART_METRIC_NAMES, binding_rates
 from evaluation.report import SampleResult, read_results_jsonl
 from experiments import stats
 
@@ -57,8 +58,7 @@ MISSING = "—"
 JUDGE_METRICS = ("PF", "SC", "Overall")
 PROXY_METRICS = ("proxy_PF", "proxy_SC", "proxy_Overall")
 # where the proxies come from (0-10) and the binding rates (0-1), per sample from results.jsonl's details
-PART_METRICS = {"pf_subjects": "proxy_PF_subjects", "sc_subjects": "proxy_SC_subjects",
-                "pf_props": "proxy_PF_props", "sc_scene": "proxy_SC_scene"}
+PART_METRICS = PART_METRIC_NAMES
 BINDING_METRICS = ("bound", "swapped")
 ALL_METRICS = (*JUDGE_METRICS, *PROXY_METRICS, *PART_METRICS.values(), *BINDING_METRICS)
 # per-sample score keys of evaluation/runner.py's results.jsonl -> the metric names of the tables and MLflow
@@ -551,8 +551,8 @@ def breakdown_scores(rec: SampleResult) -> dict[str, float | None]:
     parts = proxy.get("parts") or {}
     out: dict[str, float | None] = {
         name: (10.0 * float(parts[k]) if parts.get(k) is not None else None) for k, name in PART_METRICS.items()}
-    outcomes = list((proxy.get("binding") or {}).values())
+    rates = binding_rates([proxy.get("binding") or {}])  # this sample's subjects
     for k in BINDING_METRICS:
-        out[k] = outcomes.count(k) / len(outcomes) if outcomes else None
+        out[k] = rates[k]
     return out
 

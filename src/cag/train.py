@@ -83,6 +83,25 @@ def check_resume_checkpoint(path: str | None) -> None:
             raise ConfigError(f"ckpt_path={exc}") from exc
 
 
+AUTO_RESUME = "auto"
+
+
+def resolve_resume_checkpoint(path: str | None, output_dir: str | Path) -> str | None:
+    """``ckpt_path=auto``: this run folder's ``checkpoints/last.ckpt`` when an earlier start left one, else a fresh start.
+
+    Why: a long run (the base model of ``preset=base``) is restarted with the same command after
+    an interruption; its fixed run folder tells where it stopped, so nobody has to paste a path.
+    """
+    if path != AUTO_RESUME:
+        return path
+    last = Path(output_dir) / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        log.info("ckpt_path=auto: resuming from %s", last)
+        return str(last)
+    log.info("ckpt_path=auto: no %s yet, starting fresh", last)
+    return None
+
+
 def read_init_checkpoint(path: str | None) -> tuple[dict[str, Any], str] | None:
     """``init_from``: the base checkpoint and its SHA-256, named in the error before anything is built."""
     if not path:
@@ -113,6 +132,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one configuration; returns the final metrics and the checkpoint paths."""
     setup_logging()
     validate_train_config(cfg)
+    with open_dict(cfg):
+        cfg.ckpt_path = resolve_resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir)
     check_resume_checkpoint(cfg.get("ckpt_path"))
     base = None if cfg.get("ckpt_path") else read_init_checkpoint(cfg.get("init_from"))  # a resume has its weights
     L.seed_everything(cfg.seed, workers=True)

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torchmetrics.functional import structural_similarity_index_measure
 
-from cag.checkpoints import find_latest_checkpoint, read_checkpoint
+from cag.checkpoints import find_latest_checkpoint, read_checkpoint, weights_seed
 from cag.data.batching import square
 from cag.data.synthetic import SyntheticConfig, generate_split
 from cag.generate import generate_samples, load_model_for_inference
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name, path in (("trained", ckpt), ("untrained", None)):
         # the untrained model: the checkpoint's own config, seed and attention, no weights loaded
         model, info = load_model_for_inference(path, None if path else hp["model"], attention=hp.get("attention"),
-                                               ref_positions=hp.get("ref_positions"), seed=int(hp.get("seed", 0)))
+                                               ref_positions=hp.get("ref_positions"), seed=weights_seed(hp))
         size, vlm_size = int(info["image_size"]), int(info["vlm_image_size"])
         start = time.perf_counter()
         records = generate_samples(model, split, out / name, sampler=sampler, image_size=size, vlm_image_size=vlm_size,

@@ -122,9 +122,16 @@ class _FirstWeightsCallback(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         _FIRST_WEIGHTS.clear()
         _FIRST_WEIGHTS.update({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+        _FIRST_VLM.clear()
+        _FIRST_VLM.update({k: v.detach().clone() for k, v in pl_module.model.vlm.state_dict().items()})
 
 
 _FIRST_WEIGHTS: dict = {}
+_FIRST_VLM: dict = {}
+
+
+def _same_tensors(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_init_from_starts_the_dit_from_the_base_checkpoints_ema_and_logs_its_digest(tmp_path):
@@ -147,6 +154,55 @@ def test_init_from_starts_the_dit_from_the_base_checkpoints_ema_and_logs_its_dig
     runs = _runs(tmp_path)
     row = runs[runs["tags.mlflow.runName"] == "finetune"].iloc[0]
     assert row["params.init_from_sha256"] == hashlib.sha256(Path(base).read_bytes()).hexdigest()
+
+
+def test_a_fine_tune_with_another_seed_reads_text_with_its_bases_frozen_vlm(tmp_path):
+    """The tiny VLM is random and frozen: a fine-tune (seed 7) of a seed-0 base must keep the base's VLM,
+    in training and when its checkpoint is loaded for sampling; a run from scratch builds its own seed's."""
+    from cag.generate import load_model_for_inference
+    from cag.models.vlm import build_vlm
+
+    base = train(_cfg(tmp_path, "trainer.max_steps=2", "data.epoch_batches=2"))["last_ckpt"]
+    cfg = _cfg(tmp_path, "trainer.max_steps=1", "data.epoch_batches=1", f"init_from={base}", "seed=7")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "finetune")
+        cfg.callbacks.first = {"_target_": "tests.test_train._FirstWeightsCallback"}
+    finetuned = train(cfg)["last_ckpt"]
+    vlm_seed0 = build_vlm(cfg.model.vlm, seed=0)[0].state_dict()
+    vlm_seed7 = build_vlm(cfg.model.vlm, seed=7)[0].state_dict()
+    assert not _same_tensors(vlm_seed0, vlm_seed7)  # else this test could not fail
+    assert _same_tensors(_FIRST_VLM, vlm_seed0)
+    hp = torch.load(finetuned, map_location="cpu", weights_only=True)["hyper_parameters"]
+    assert (hp["seed"], hp["weights_seed"]) == (7, 0)
+    model, _ = load_model_for_inference(finetuned)
+    assert _same_tensors(model.vlm.state_dict(), vlm_seed0)
+
+    scratch = _cfg(tmp_path, "trainer.max_steps=1", "data.epoch_batches=1", "seed=7")
+    with open_dict(scratch):
+        scratch.paths.output_dir = str(tmp_path / "scratch")
+        scratch.callbacks.first = {"_target_": "tests.test_train._FirstWeightsCallback"}
+    train(scratch)
+    assert _same_tensors(_FIRST_VLM, vlm_seed7)
+
+
+def test_ckpt_path_auto_resumes_from_the_run_folders_last_checkpoint_or_starts_fresh(tmp_path):
+    first = _cfg(tmp_path, "trainer.max_steps=3", "data.epoch_batches=3", "ckpt_path=auto")
+    assert train(first)["global_step"] == 3  # nothing there yet: a fresh start
+    again = _cfg(tmp_path, "trainer.max_steps=5", "data.epoch_batches=3", "ckpt_path=auto")
+    result = train(again)  # the same run folder: continues from its last.ckpt
+    assert result["global_step"] == 5
+    ckpt = torch.load(result["last_ckpt"], map_location="cpu", weights_only=True)
+    assert ckpt["optimizer_states"][0]["state"][0]["step"].item() == 5
+
+
+def test_preset_base_trains_level_2_with_full_attention_in_a_fixed_resumable_folder(tmp_path):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["preset=base", "seed=3"], return_hydra_config=True)
+    assert cfg.data.synthetic.num_characters == 1 and cfg.data.synthetic.place == "text"
+    assert cfg.data.synthetic.shot == "text"  # the ladder's level 2
+    assert (cfg.attention, cfg.vae_dropout, cfg.ckpt_path) == ("full", 0.0, "auto")
+    assert cfg.hydra.run.dir == "outputs/base/seed3"
+    assert cfg.callbacks.curve_checkpoints.every_n_train_steps > 0
 
 
 def test_init_from_a_missing_file_or_another_architecture_is_refused_by_name(tmp_path):

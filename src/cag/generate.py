@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cag.checkpoints import read_checkpoint, resolve_checkpoint
+from cag.checkpoints import read_checkpoint, resolve_checkpoint, weights_seed
 from cag.data.batching import bucket_batches, collate, to_image
 from cag.data.sample import Sample
 from cag.data.sources import SampleSource
@@ -102,7 +102,7 @@ def load_model_for_inference(
 
     attention = _check_mode("attention", attention or hp.get("attention", "masked"), ATTENTION_MODES)
     ref_positions = _check_mode("ref_positions", ref_positions or hp.get("ref_positions", "offset"), REF_POSITION_MODES)
-    build_seed = int(seed if seed is not None else hp.get("seed", 0))
+    build_seed = int(seed) if seed is not None else weights_seed(hp)
     model = build_cag_model(OmegaConf.create(cfg), attention=attention, ref_positions=ref_positions, seed=build_seed)
     if state is not None:
         _load_transformer_weights(model, state, str(checkpoint))

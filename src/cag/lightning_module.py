@@ -61,15 +61,20 @@ class CAGLightningModule(L.LightningModule):
         max_nonfinite_steps: int = 5,
         ema_decay: float = 0.0,
         conditioning_memo: int = 0,
+        weights_seed: int | None = None,
     ) -> None:
         super().__init__()
         model, optim, loss = _container(model), _container(optim), _container(loss or {})
+        # the seed the randomly initialised parts are built from (the frozen VLM of the tiny model above all):
+        # the run's seed, except in a fine-tune, which must read text with its base's VLM (train.py sets it)
+        weights_seed = int(seed if weights_seed is None else weights_seed)
         self.save_hyperparameters(
             {"model": model, "optim": optim, "loss": loss, "attention": attention, "ref_positions": ref_positions,
              "vae_dropout": vae_dropout, "text_dropout": text_dropout, "seed": seed, "ema_decay": ema_decay,
-             "conditioning_memo": conditioning_memo}
+             "conditioning_memo": conditioning_memo, "weights_seed": weights_seed}
         )
-        self.model: CAGModel = build_cag_model(OmegaConf.create(model), attention=attention, ref_positions=ref_positions, seed=seed)
+        self.model: CAGModel = build_cag_model(OmegaConf.create(model), attention=attention, ref_positions=ref_positions,
+                                               seed=weights_seed)
         self.vae_dropout, self.text_dropout = float(vae_dropout), float(text_dropout)
         self.loss_cfg = loss
         self._step_start = 0.0

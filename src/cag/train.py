@@ -15,7 +15,14 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cag.checkpoints import CheckpointLoadError, read_checkpoint
+from cag.checkpoints import (
+    SHIPPED_WEIGHTS,
+    WEIGHTS_SUFFIX,
+    CheckpointLoadError,
+    read_checkpoint,
+    shipped_weights,
+    weights_seed,
+)
 from cag.fault_tolerance import LastCheckpoint
 from cag.lightning_module import CAGLightningModule
 from cag.models.attention import ATTENTION_MODES
@@ -76,6 +83,9 @@ def check_resume_checkpoint(path: str | None) -> None:
         return
     if not Path(path).exists():
         raise ConfigError(f"ckpt_path={path} does not exist")
+    if Path(path).suffix == WEIGHTS_SUFFIX:
+        raise ConfigError(f"ckpt_path={path} is a weights file (no optimizer, step or data position): "
+                          f"start a new run from it with init_from={path}")
     if Path(path).is_file():  # a folder is a sharded (distributed) checkpoint: Lightning's strategy reads it
         try:
             read_checkpoint(path, need_model_config=False, mmap=True)
@@ -103,11 +113,16 @@ def resolve_resume_checkpoint(path: str | None, output_dir: str | Path) -> str |
 
 
 def read_init_checkpoint(path: str | None) -> tuple[dict[str, Any], str] | None:
-    """``init_from``: the base checkpoint and its SHA-256, named in the error before anything is built."""
+    """``init_from``: the base checkpoint and its SHA-256, named in the error before anything is built.
+
+    A checkpoint of ``src/train.py``, a weights file, or the name of a shipped one (``tiny_base``).
+    """
     if not path:
         return None
+    given, path = path, str(shipped_weights(path))
     if not Path(path).is_file():
-        raise ConfigError(f"init_from={path} does not exist (a last.ckpt or best-*.ckpt written by src/train.py)")
+        raise ConfigError(f"init_from={given} does not exist (a last.ckpt or best-*.ckpt written by src/train.py, "
+                          f"a weights file, or the name of one in {SHIPPED_WEIGHTS})")
     try:
         ckpt = read_checkpoint(path, need_model_config=True)
     except CheckpointLoadError as exc:
@@ -153,10 +168,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         model=cfg.model, optim=cfg.optim, loss=cfg.loss, attention=cfg.attention, ref_positions=cfg.ref_positions,
         vae_dropout=cfg.vae_dropout, text_dropout=cfg.text_dropout, seed=cfg.seed, ema_decay=cfg.ema_decay,
         conditioning_memo=cfg.conditioning_memo,
+        # a fine-tune reads text with its base's frozen VLM: built from the base's seed, not this run's
+        weights_seed=weights_seed(base[0]["hyper_parameters"]) if base is not None else None,
     )
     if base is not None:
         used = module.initialise_from(base[0], str(cfg.init_from))
-        log.info("starting from %s (%s weights, sha256 %s)", cfg.init_from, used, base[1][:12])
+        log.info("starting from %s (%s weights, sha256 %s; frozen parts built with seed %d)", cfg.init_from, used,
+                 base[1][:12], module.hparams["weights_seed"])
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     avoid_double_checkpointing(cfg.trainer.get("strategy"), module.model.transformer)  # FSDP checkpoints blocks itself
     for lg in loggers:

@@ -38,6 +38,7 @@ WEIGHTS = SHIPPED_WEIGHTS / f"{NAME}.safetensors"
 RECORD = SHIPPED_WEIGHTS / f"{NAME}.json"
 CARD = SHIPPED_WEIGHTS / f"{NAME}.md"
 LEVELS = (0, 1, 2, 3)
+CHECK_LEVEL, CHECK_N = 2, 16
 CARD_METRICS = ("proxy_pf_subjects", "proxy_sc_subjects", "proxy_pf", "proxy_sc", "proxy_overall", "bound", "swapped")
 _PARTS = {"proxy_pf_subjects": "pf_subjects", "proxy_sc_subjects": "sc_subjects"}
 _ELAPSED = re.compile(r"step (\d+)/\d+ .*elapsed (\d+):(\d\d):(\d\d)")
@@ -151,7 +152,14 @@ def card(args: argparse.Namespace) -> Path:
     if sha256(weights) != record["sha256"]:
         raise SystemExit(f"{weights}: sha256 differs from {weights.with_suffix('.json')}; export again")
     out_root = Path(args.eval_dir) / record["sha256"][:12]
-    record["scores"] = {f"level{v}": level_scores(evaluate_level(weights, v, args.n, out_root)) for v in args.levels}
+    args.levels = sorted({*args.levels, CHECK_LEVEL})
+    dirs = {v: evaluate_level(weights, v, args.n, out_root) for v in args.levels}
+    record["scores"] = {f"level{v}": level_scores(d) for v, d in dirs.items()}
+    # the first CHECK_N test samples of the base's level: what tests/model/test_shipped_base.py regenerates
+    first = proxy_breakdown.read_parts(dirs[CHECK_LEVEL])["pf_subjects"][:CHECK_N]
+    est = stats.bootstrap(first[None, :])
+    record["check"] = {"level": CHECK_LEVEL, "n": CHECK_N, "metric": "proxy_pf_subjects",
+                       "mean": round(est.mean, 3), "lo": round(est.lo, 3), "hi": round(est.hi, 3)}
     record["scores_command"] = f"python experiments/base_model.py card --n {args.n}"
     weights.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     path = weights.with_suffix(".md")
@@ -199,6 +207,9 @@ def card_text(r: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
+        *([f"Check (`tests/model/test_shipped_base.py`, slow): subjects PF of the first {r['check']['n']} level-"
+           f"{r['check']['level']} test samples, {r['check']['mean']:.2f} [{r['check']['lo']:.2f}, {r['check']['hi']:.2f}]; "
+           "sampling them again must land inside this interval.", ""] if "check" in r else []),
     ])
 
 
@@ -252,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     p = sub.add_parser("card", help="evaluate the weights file per level and write the model card")
     p.add_argument("--weights", default=str(WEIGHTS))
     p.add_argument("--n", type=int, default=300)
-    p.add_argument("--levels", type=int, nargs="+", default=list(LEVELS))
+    p.add_argument("--levels", type=int, nargs="+", default=list(LEVELS),
+                   help=f"ladder levels to measure (level {CHECK_LEVEL}, the base's, is always one)")
     p.add_argument("--eval-dir", default="outputs/base_model/eval")
     p.set_defaults(func=card)
     p = sub.add_parser("curve", help="pretraining curve from a base run's kept checkpoints")

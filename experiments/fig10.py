@@ -117,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         if len(args) != 2:
             raise SystemExit("usage: python experiments/fig10.py --replot PATH/fig10_summary.json")
         return [replot(Path(args[1]))]
-    return pipeline.cli(argv, doc=__doc__, name=NAME, configs=CONFIGS, metric_prefix=PREFIX, build=build)
+    return pipeline.cli(argv, doc=__doc__, name=NAME, configs=CONFIGS, metric_prefix=PREFIX, build=build,
+                        finetune=True)
 
 
 if __name__ == "__main__":

@@ -132,19 +132,13 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--curve-n", type=int, default=100, help="test samples per learning-curve point")
     parser.add_argument("--attention", choices=("masked", "full"), default="masked",
                         help="masked (experiment=ablation_mask, the tiny default) or full (experiment=baseline)")
-    parser.add_argument("--init-from", type=Path, default=None,
-                        help="fine-tune every level from this checkpoint (init_from=...; docs/design.md, "
-                             "'Fine-tuning from a base (init_from)') instead of training from scratch")
     args = parser.parse_args(argv)
+    sweep.apply_start(args, parser)  # --init-from: fine-tune every level (docs/design.md, 'Fine-tuning from a base')
     levels = [int(v) for v in args.levels.split(",")]
     if bad := [v for v in levels if v not in LEVELS]:
         parser.error(f"--levels {bad}: the ladder has levels {list(LEVELS)}")
     configs = configs_for(levels, not args.no_colour_words, args.attention)
     args.train_override = [*args.train_override, _curve_override(args.curve_every)]
-    if args.init_from is not None:
-        if not args.init_from.is_file():
-            parser.error(f"--init-from {args.init_from}: no such checkpoint")
-        args.train_override.append(f"init_from={args.init_from.resolve()}")
 
     def build(runs: Sequence[TrainedRun], out: Path, a: argparse.Namespace) -> list[Path]:
         files = pipeline.standard_outputs(

@@ -25,6 +25,7 @@ from experiments.sweep import (
     Interrupted,
     TrainedRun,
     add_common_args,
+    apply_start,
     ensure_evaluated,
     ensure_trained,
     find_run,
@@ -107,13 +108,18 @@ def cli(
     metric_prefix: str,
     build: Builder,
     eval_overrides: Sequence[str] = (),
+    finetune: bool = False,
 ) -> list[Path]:
-    """The command line every experiment shares: parse the common arguments, then :func:`run_pipeline`."""
+    """The command line every experiment shares: parse the common arguments, then :func:`run_pipeline`.
+
+    ``finetune``: runs start from the shipped base unless ``--from-scratch`` (see ``add_common_args``).
+    """
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, name)
+    add_common_args(parser, name, finetune=finetune)
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    apply_start(args, parser)
     try:
         return run_pipeline(args, name=name, configs=configs, metric_prefix=metric_prefix,
                             eval_overrides=eval_overrides, build=build)

@@ -165,8 +165,15 @@ def plan_jobs(configs: Sequence[Config], seeds: Sequence[int], sweep_dir: Path) 
 # --------------------------------------------------------------------------- command line
 
 
-def add_common_args(parser: argparse.ArgumentParser, name: str) -> None:
-    """The knobs every ablation script has, so CI can run each one small and a user full size."""
+DEFAULT_BASE = "tiny_base"  # the shipped base (src/cag/models/assets/tiny_base.safetensors, its card beside it)
+
+
+def add_common_args(parser: argparse.ArgumentParser, name: str, *, finetune: bool = False) -> None:
+    """The knobs every ablation script has, so CI can run each one small and a user full size.
+
+    ``finetune``: the study fine-tunes from the shipped base by default, as the paper's runs start
+    from released weights (``--from-scratch`` keeps the earlier from-zero studies, in their own folder).
+    """
     parser.add_argument("--seeds", type=int, default=1,
                         help="independent training seeds per configuration (seed=0..N-1); statistics pool them")
     parser.add_argument("--preset", default="study",
@@ -183,8 +190,17 @@ def add_common_args(parser: argparse.ArgumentParser, name: str) -> None:
         default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlruns.db"),
         help="MLflow store shared by training, evaluation and the table (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)",
     )
-    parser.add_argument("--out", type=Path, default=Path("outputs") / "experiments" / name,
-                        help="folder for the sweep, evaluations and the tables/plot/page")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"folder for the sweep, evaluations and the tables/plot/page (default: outputs/experiments/{name}"
+                             + (f", or outputs/experiments/{name}_scratch with --from-scratch)" if finetune else ")"))
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--init-from", default=DEFAULT_BASE if finetune else None, metavar="CHECKPOINT",
+                       help="fine-tune every run from this checkpoint, weights file or shipped name (init_from=...)"
+                            + (f"; default: {DEFAULT_BASE}, the shipped base" if finetune else "; default: from scratch"))
+    if finetune:
+        start.add_argument("--from-scratch", action="store_true",
+                           help="no base: a randomly initialised tiny DiT, or a model's released weights (model.source)")
+    parser.set_defaults(study_name=name)
     parser.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
                         help="extra Hydra override for src/train.py (repeatable), e.g. data.batch_size=2")
     parser.add_argument("--eval-override", action="append", default=[], metavar="KEY=VALUE",
@@ -194,6 +210,23 @@ def add_common_args(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--skip-eval", action="store_true", help="only rebuild the tables/plot/page from MLflow")
     parser.add_argument("--html-samples", type=int, default=8, help="test items shown side by side in <name>.html")
     parser.add_argument("--n-boot", type=int, default=stats.N_BOOT, help="bootstrap replicates per interval")
+
+
+def apply_start(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Resolve ``--init-from`` / ``--from-scratch`` into a training override and the default ``--out``."""
+    from cag.checkpoints import shipped_weights
+
+    if getattr(args, "from_scratch", False):
+        args.init_from = None
+    if args.init_from is not None:
+        path = shipped_weights(str(args.init_from))
+        if not path.is_file():
+            parser.error(f"--init-from {args.init_from}: neither a file nor a shipped weights file")
+        args.init_from = path.resolve()
+        args.train_override = [*args.train_override, f"init_from={args.init_from}"]
+    if args.out is None:
+        suffix = "_scratch" if getattr(args, "from_scratch", False) else ""
+        args.out = Path("outputs") / "experiments" / f"{args.study_name}{suffix}"
 
 
 def _env(tracking_uri: str) -> dict[str, str]:

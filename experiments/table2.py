@@ -62,7 +62,8 @@ def build(runs: Sequence[TrainedRun], out: Path, args: argparse.Namespace) -> li
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
-    return pipeline.cli(argv, doc=__doc__, name=NAME, configs=CONFIGS, metric_prefix=PREFIX, build=build)
+    return pipeline.cli(argv, doc=__doc__, name=NAME, configs=CONFIGS, metric_prefix=PREFIX, build=build,
+                        finetune=True)
 
 
 if __name__ == "__main__":

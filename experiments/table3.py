@@ -44,7 +44,7 @@ def build(runs: Sequence[TrainedRun], out: Path, args: argparse.Namespace) -> li
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     return pipeline.cli(argv, doc=__doc__, name=NAME, configs=CONFIGS, metric_prefix=PREFIX, build=build,
-                      eval_overrides=EVAL_OVERRIDES)
+                        eval_overrides=EVAL_OVERRIDES, finetune=True)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cag.checkpoints import SHIPPED_WEIGHTS
 from experiments import ladder, sweep, table2, table3
 from experiments.benchmarks.fake_chat_api import OpenAICompatServer, Reply
 
@@ -101,10 +102,12 @@ def test_table2_and_table3_rows_carry_their_own_setting_end_to_end(tmp_path):
 
     runs = sweep.sweep_runs(uri, tmp_path / "table2" / "train", table2.CONFIGS, [0])
     sweep.load_results(uri, runs, "eval")
+    base = json.loads((SHIPPED_WEIGHTS / f"{sweep.DEFAULT_BASE}.json").read_text())
     for r in runs:
         params = client.get_run(r.run_id).data.params
         assert (params["attention"], float(params["vae_dropout"]), params["seed"]) == (
             r.config.attention, r.config.vae_dropout, "0")
+        assert params["init_from_sha256"] == base["sha256"]  # fine-tuned from the shipped base, the paper's regime
         ev = client.get_run(r.eval_run_id).data.params  # read from the checkpoint by the evaluation
         assert (ev["model_attention"], float(ev["model_trained_vae_dropout"])) == (r.config.attention, r.config.vae_dropout)
         assert f"{r.metrics['eval/proxy_Overall']:.3f}" == next(x for x in t2 if x["Method"] == r.config.label)["proxy_Overall"]

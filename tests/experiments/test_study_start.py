@@ -50,3 +50,4 @@ def test_a_study_without_finetune_default_trains_from_scratch_unless_given_a_bas
     assert _parse(["--init-from", str(other)], finetune=False).train_override == [f"init_from={other.resolve()}"]
     with pytest.raises(SystemExit):
         _parse(["--init-from", str(tmp_path / "missing.ckpt")], finetune=False)
+

@@ -27,6 +27,7 @@ and the command line that ties them together :mod:`experiments.pipeline`.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -261,6 +262,21 @@ def train_overrides(job: Job, args: argparse.Namespace, name: str) -> list[str]:
     return [*out, *args.train_override]
 
 
+@functools.cache
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def base_digest(overrides: Sequence[str]) -> str | None:
+    """SHA-256 of the file a job's ``init_from=`` names (what its MLflow run logs), None from scratch."""
+    value = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("init_from=")), None)
+    return _file_sha256(value) if value not in (None, "", "null", "None") else None
+
+
 def expected_max_steps(overrides: Sequence[str]) -> int | None:
     """``trainer.max_steps`` the job's config resolves to (composed, not run), to tell a finished run of another budget.
 
@@ -296,7 +312,7 @@ def _same_dir(a: str | os.PathLike[str] | None, b: Path) -> bool:
     return bool(a) and Path(str(a)).resolve() == b.resolve()
 
 
-def _finished_run_for(client: Any, exp_id: str | None, job: Job, max_steps: int | None) -> Any:
+def _finished_run_for(client: Any, exp_id: str | None, job: Job, max_steps: int | None, base_sha: str | None) -> Any:
     if exp_id is None:
         return None
     runs = client.search_runs([exp_id], filter_string="attributes.status = 'FINISHED'",
@@ -307,23 +323,26 @@ def _finished_run_for(client: Any, exp_id: str | None, job: Job, max_steps: int 
             continue
         if max_steps is not None and p.get("trainer/max_steps") not in (None, str(max_steps)):
             continue
+        if p.get("init_from_sha256") != base_sha:  # a from-scratch run is no fine-tune, nor one of another base
+            continue
         last = t.get("checkpoint/last")
         if last and Path(last).exists():
             return run
     return None
 
 
-def training_state(tracking_uri: str, job: Job, max_steps: int | None) -> tuple[str, Any]:
+def training_state(tracking_uri: str, job: Job, max_steps: int | None, base_sha: str | None = None) -> tuple[str, Any]:
     """What a rerun must do for ``job``: ``("done", run)``, ``("resume", step)`` or ``("fresh", None)``.
 
     Done: a FINISHED MLflow run whose ``output_dir`` is this job's folder, whose params
-    match the configuration, seed and step budget, and whose ``checkpoint/last`` exists.
+    match the configuration, seed and step budget, that started from the same base (``base_sha``,
+    the digest of its ``init_from`` file; None: from scratch), and whose ``checkpoint/last`` exists.
     Resume: the folder holds a readable ``last.ckpt`` (a hard kill can leave a truncated
     one; it is moved aside to ``last.ckpt.unreadable`` and the job starts fresh).
     """
     client = mlflow_client(tracking_uri)
     exp = client.get_experiment_by_name(TRAIN_EXPERIMENT)
-    run = _finished_run_for(client, exp.experiment_id if exp else None, job, max_steps)
+    run = _finished_run_for(client, exp.experiment_id if exp else None, job, max_steps, base_sha)
     if run is not None:
         return "done", run
     if job.last_ckpt.exists():
@@ -393,7 +412,7 @@ def run_training_job(job: Job, overrides: Sequence[str], *, tracking_uri: str, r
 def ensure_trained(job: Job, args: argparse.Namespace, name: str) -> str:
     """Train, resume or skip one job; returns what was done (``skipped`` / ``resumed`` / ``trained``)."""
     overrides = train_overrides(job, args, name)
-    state, info = training_state(args.tracking_uri, job, expected_max_steps(overrides))
+    state, info = training_state(args.tracking_uri, job, expected_max_steps(overrides), base_digest(overrides))
     if state == "done":
         print(f"[train] {job.name}: finished earlier (run {info.info.run_id}), skipped", flush=True)
         return "skipped"

@@ -38,14 +38,14 @@ def shared_store(tmp_path_factory) -> tuple[str, mlflow.tracking.MlflowClient, s
 
 
 def _train_run(client, exp: str, out_dir: Path, cfg: sweep.Config, seed: int = 0, status: str = "FINISHED",
-               max_steps: int = 6) -> str:
+               max_steps: int = 6, base_sha: str | None = None) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = out_dir / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     ckpt.write_bytes(b"x")
     run = client.create_run(exp, tags={"output_dir": str(out_dir), "checkpoint/last": str(ckpt)})
     params = {"attention": cfg.attention, "vae_dropout": str(cfg.vae_dropout), "seed": str(seed),
-              "trainer/max_steps": str(max_steps)}
+              "trainer/max_steps": str(max_steps), **({"init_from_sha256": base_sha} if base_sha else {})}
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
     client.set_terminated(run.info.run_id, status)
     return run.info.run_id
@@ -280,6 +280,24 @@ def test_rerun_state_skips_finished_resumes_interrupted_and_restarts_unreadable(
     assert sweep.training_state(uri, killed, 6) == ("fresh", None)
     assert not killed.last_ckpt.exists() and killed.last_ckpt.with_name("last.ckpt.unreadable").exists()
     assert sweep.training_state(uri, sweep.Job(cfg, 2, tmp_path / "sweep" / "cag" / "seed2"), 6) == ("fresh", None)
+
+
+def test_a_finished_run_counts_only_for_jobs_that_start_from_the_same_base(tmp_path, shared_store):
+    uri, client, exp, _ = shared_store
+    cfg = table2.CONFIGS[1]
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(b"base weights")
+    digest = sweep.base_digest([f"init_from={base}"])
+    scratch = sweep.Job(cfg, 0, tmp_path / "sweep" / "mask" / "seed0")
+    _train_run(client, exp, scratch.run_dir, cfg, 0)  # a from-scratch run in the folder
+    assert sweep.training_state(uri, scratch, 6)[0] == "done"
+    assert sweep.training_state(uri, scratch, 6, digest)[0] != "done"  # not the fine-tune the job asks for
+    tuned = sweep.Job(cfg, 1, tmp_path / "sweep" / "mask" / "seed1")
+    _train_run(client, exp, tuned.run_dir, cfg, 1, base_sha=digest)
+    assert sweep.training_state(uri, tuned, 6, digest)[0] == "done"
+    assert sweep.training_state(uri, tuned, 6, "0" * 64)[0] != "done"  # another base
+    assert sweep.training_state(uri, tuned, 6)[0] != "done"  # and not a from-scratch run
+    assert sweep.base_digest(["seed=1"]) is None and sweep.base_digest(["init_from=null"]) is None
 
 
 def test_evaluation_is_skipped_only_when_the_same_settings_finished(tmp_path, shared_store):

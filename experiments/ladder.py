@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--attention", choices=("masked", "full"), default="masked",
                         help="masked (experiment=ablation_mask, the tiny default) or full (experiment=baseline)")
     args = parser.parse_args(argv)
-    sweep.apply_start(args, parser)  # --init-from: fine-tune every level (docs/design.md, 'Fine-tuning from a base')
+    sweep.apply_start(args, parser)  # --init-from: fine-tune every level (docs/design.md, 'Fine-tuning from a base (init_from)')
     levels = [int(v) for v in args.levels.split(",")]
     if bad := [v for v in levels if v not in LEVELS]:
         parser.error(f"--levels {bad}: the ladder has levels {list(LEVELS)}")

@@ -2,7 +2,7 @@
 
     python src/train.py preset=base                                  # train (resumable: run it again)
     python experiments/base_model.py export outputs/base/seed0/checkpoints/last.ckpt --trained-at COMMIT
-    python experiments/base_model.py card                            # evaluate levels 0-4, write the card
+    python experiments/base_model.py card                            # evaluate levels 0-3, write the card
     python experiments/base_model.py curve outputs/base/seed0        # pretraining curve (kept checkpoints)
 
 ``export`` writes the checkpoint's EMA weights (no optimizer state) as a weights file
@@ -37,8 +37,8 @@ NAME = "tiny_base"
 WEIGHTS = SHIPPED_WEIGHTS / f"{NAME}.safetensors"
 RECORD = SHIPPED_WEIGHTS / f"{NAME}.json"
 CARD = SHIPPED_WEIGHTS / f"{NAME}.md"
-LEVELS = (0, 1, 2, 3, 4)
-CHECK_LEVEL, CHECK_N = 3, 16
+LEVELS = (0, 1, 2, 3)
+CHECK_LEVEL, CHECK_N = 2, 16
 CARD_METRICS = ("proxy_pf_subjects", "proxy_sc_subjects", "proxy_pf", "proxy_sc", "proxy_overall", "bound", "swapped")
 _PARTS = {"proxy_pf_subjects": "pf_subjects", "proxy_sc_subjects": "sc_subjects"}
 _ELAPSED = re.compile(r"step (\d+)/\d+ .*elapsed (\d+):(\d\d):(\d\d)")
@@ -180,9 +180,8 @@ def card_text(r: dict[str, Any]) -> str:
         f"# Model card: `{r['file']}`",
         "",
         "The pretrained base of the paper's regime at CPU scale: the tiny DiT (`conf/model/tiny.yaml`) trained",
-        "to compose one to three subjects and a scene from their references (`conf/preset/base.yaml`), so that",
-        "fine-tunes start from a model that already copies, as the paper's start from Qwen-Image-Edit-2509",
-        "(docs/design.md, 'The pretrained base'). Weights only (EMA, no",
+        "to copy one subject from its reference (the ladder's level 2), so that fine-tunes on two subjects start",
+        "from a model that already copies (docs/design.md, 'The pretrained base'). Weights only (EMA, no",
         "optimizer state); the frozen VLM and codec are rebuilt from the model config and `weights_seed`",
         "stored in the file. Use: `python src/train.py init_from=tiny_base ...`.",
         "",
@@ -202,7 +201,7 @@ def card_text(r: dict[str, Any]) -> str:
         f"Test scores per ladder level (`{r.get('scores_command', 'python experiments/base_model.py card')}`): judge-free",
         "proxies, 0-10, mean [95 % bootstrap interval over the test samples], one training seed; each level's own",
         "300-sample test split (test characters never seen in training). bound / swapped: share of subjects of",
-        "samples with two or more subjects wearing their own / another's reference colours (levels 3 and 4).",
+        "two-subject samples wearing their own / the other's reference colours (level 3 only; the base never saw two).",
         "",
         "| level | subjects PF | subjects SC | PF | SC | Overall | bound | swapped |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",

@@ -159,6 +159,8 @@ def test_init_from_starts_the_dit_from_the_base_checkpoints_ema_and_logs_its_dig
 def test_a_fine_tune_with_another_seed_reads_text_with_its_bases_frozen_vlm(tmp_path):
     """The tiny VLM is random and frozen: a fine-tune (seed 7) of a seed-0 base must keep the base's VLM,
     in training and when its checkpoint is loaded for sampling; a run from scratch builds its own seed's."""
+    import hashlib
+
     from cag.generate import load_model_for_inference
     from cag.models.vlm import build_vlm
 
@@ -176,6 +178,18 @@ def test_a_fine_tune_with_another_seed_reads_text_with_its_bases_frozen_vlm(tmp_
     assert (hp["seed"], hp["weights_seed"]) == (7, 0)
     model, _ = load_model_for_inference(finetuned)
     assert _same_tensors(model.vlm.state_dict(), vlm_seed0)
+
+    # resumed, it is still the base's fine-tune: the same frozen VLM, the base's digest on its MLflow run
+    resumed = _cfg(tmp_path, "trainer.max_steps=2", "data.epoch_batches=1", f"init_from={base}", "seed=7",
+                   f"ckpt_path={finetuned}", "logger.mlflow.run_name=resumed-finetune")
+    with open_dict(resumed):
+        resumed.paths.output_dir = str(tmp_path / "finetune")
+        resumed.callbacks.first = {"_target_": "tests.test_train._FirstWeightsCallback"}
+    assert train(resumed)["global_step"] == 2
+    assert _same_tensors(_FIRST_VLM, vlm_seed0)
+    runs = _runs(tmp_path)
+    row = runs[runs["tags.mlflow.runName"] == "resumed-finetune"].iloc[0]
+    assert row["params.init_from_sha256"] == hashlib.sha256(Path(base).read_bytes()).hexdigest()
 
     scratch = _cfg(tmp_path, "trainer.max_steps=1", "data.epoch_batches=1", "seed=7")
     with open_dict(scratch):

@@ -150,7 +150,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     with open_dict(cfg):
         cfg.ckpt_path = resolve_resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir)
     check_resume_checkpoint(cfg.get("ckpt_path"))
-    base = None if cfg.get("ckpt_path") else read_init_checkpoint(cfg.get("init_from"))  # a resume has its weights
+    # a fine-tune reads its base (weights, frozen-parts seed, digest); a resumed one has its own weights but
+    # is still that base's fine-tune: same frozen parts, same digest in MLflow
+    base = read_init_checkpoint(cfg.get("init_from"))
+    frozen_seed = weights_seed(base[0]["hyper_parameters"]) if base is not None else None
+    if cfg.get("ckpt_path") and Path(cfg.ckpt_path).is_file():
+        resumed = read_checkpoint(cfg.ckpt_path, need_model_config=False, mmap=True).get("hyper_parameters") or {}
+        frozen_seed = resumed.get("weights_seed", frozen_seed)
     L.seed_everything(cfg.seed, workers=True)
 
     if cfg.get("logger") and cfg.logger.get("mlflow") is not None:
@@ -169,9 +175,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         vae_dropout=cfg.vae_dropout, text_dropout=cfg.text_dropout, seed=cfg.seed, ema_decay=cfg.ema_decay,
         conditioning_memo=cfg.conditioning_memo,
         # a fine-tune reads text with its base's frozen VLM: built from the base's seed, not this run's
-        weights_seed=weights_seed(base[0]["hyper_parameters"]) if base is not None else None,
+        weights_seed=frozen_seed,
     )
-    if base is not None:
+    if base is not None and not cfg.get("ckpt_path"):
         used = module.initialise_from(base[0], str(cfg.init_from))
         log.info("starting from %s (%s weights, sha256 %s; frozen parts built with seed %d)", cfg.init_from, used,
                  base[1][:12], module.hparams["weights_seed"])

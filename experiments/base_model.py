@@ -16,7 +16,6 @@ split with the judge-free proxies (95 % bootstrap intervals over test samples) a
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -29,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from cag.checkpoints import SHIPPED_WEIGHTS, read_checkpoint, write_weights_file
+from cag.checkpoints import SHIPPED_WEIGHTS, file_sha256, read_checkpoint, weights_seed, write_weights_file
 from experiments import proxy_breakdown, stats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,14 +41,6 @@ CHECK_LEVEL, CHECK_N = 2, 16
 CARD_METRICS = ("proxy_pf_subjects", "proxy_sc_subjects", "proxy_pf", "proxy_sc", "proxy_overall", "bound", "swapped")
 _PARTS = {"proxy_pf_subjects": "pf_subjects", "proxy_sc_subjects": "sc_subjects"}
 _ELAPSED = re.compile(r"step (\d+)/\d+ .*elapsed (\d+):(\d\d):(\d\d)")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def this_machine() -> str:
@@ -94,11 +85,11 @@ def export(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     write_weights_file(out, ema, hp, weights="ema", global_step=step, source=str(ckpt_path.name))
     record = {
-        "file": out.name, "sha256": sha256(out), "bytes": out.stat().st_size,
+        "file": out.name, "sha256": file_sha256(out), "bytes": out.stat().st_size,
         "trained_at_commit": args.trained_at, "command": command.strip(), "global_step": step,
         "samples_seen": step * int(data.get("batch_size", 0)), "batch_size": data.get("batch_size"),
         "training_seconds": round(seconds, 1), "starts": starts, "machine": args.machine or this_machine(),
-        "attention": hp.get("attention"), "vae_dropout": hp.get("vae_dropout"), "weights_seed": hp.get("weights_seed", hp.get("seed")),
+        "attention": hp.get("attention"), "vae_dropout": hp.get("vae_dropout"), "weights_seed": weights_seed(hp),
         "synthetic": data.get("synthetic"), "model": hp["model"].get("name"),
         "parameters": int(sum(v.numel() for v in ema.values())),
     }
@@ -149,7 +140,7 @@ def level_scores(eval_dir: Path) -> dict[str, dict[str, float]]:
 def card(args: argparse.Namespace) -> Path:
     weights = Path(args.weights)
     record = json.loads(weights.with_suffix(".json").read_text())
-    if sha256(weights) != record["sha256"]:
+    if file_sha256(weights) != record["sha256"]:
         raise SystemExit(f"{weights}: sha256 differs from {weights.with_suffix('.json')}; export again")
     out_root = Path(args.eval_dir) / record["sha256"][:12]
     args.levels = sorted({*args.levels, CHECK_LEVEL})

@@ -23,6 +23,7 @@ import torch
 from omegaconf import OmegaConf
 
 from cag.data.batching import square, to_image, to_pixels
+from cag.data.sources import synthetic_config
 from cag.data.synthetic import SyntheticConfig, generate_split
 from cag.models.codec import LatentCodec, LinearPatchCodec, codec_weights_path, fit_linear_patch_codec
 from evaluation import proxies
@@ -34,8 +35,7 @@ HEAD = ("proxy_pf", "proxy_sc", "proxy_overall")
 
 
 def level_config(level: int) -> SyntheticConfig:
-    cfg = OmegaConf.load(ROOT / "conf" / "synthetic" / f"level{level}.yaml")
-    return SyntheticConfig(**OmegaConf.to_container(cfg))  # type: ignore[arg-type]
+    return synthetic_config(OmegaConf.load(ROOT / "conf" / "synthetic" / f"level{level}.yaml"))
 
 
 def refit(channels: int, image_size: int, n: int, factor: int = 4) -> LinearPatchCodec:

@@ -264,11 +264,9 @@ def train_overrides(job: Job, args: argparse.Namespace, name: str) -> list[str]:
 
 @functools.cache
 def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from cag.checkpoints import file_sha256
+
+    return file_sha256(path)  # once per base file and sweep, not once per job
 
 
 def base_digest(overrides: Sequence[str]) -> str | None:

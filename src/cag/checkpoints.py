@@ -19,6 +19,7 @@ file refused by one is refused by all with the same message naming it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import re
@@ -97,6 +98,15 @@ def read_checkpoint(path: str | Path, *, need_model_config: bool = True, mmap: b
     return ckpt
 
 
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks (a base's digest: MLflow param, model card, sweep matching)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def shipped_weights(name: str | Path) -> Path:
     """A weights file given as a path, or by name among the files shipped in ``cag/models/assets/``."""
     p = Path(name)
@@ -155,7 +165,6 @@ def read_weights_file(path: str | Path) -> dict[str, Any]:
     missing = [k for k in _HP_KEYS if k not in hp] if isinstance(hp, dict) else list(_HP_KEYS)
     if missing or not isinstance(hp.get("model"), Mapping):
         raise CheckpointLoadError(f"{path}: metadata 'hyper_parameters' lacks {missing or ['model']}")
-    hp["seed"] = hp["weights_seed"]
     step = meta.get("global_step")
     ema = meta.get("weights") == "ema"
     return {"state_dict": tensors, "ema_state_dict": tensors if ema else None, "hyper_parameters": hp,

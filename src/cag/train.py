@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -19,6 +18,7 @@ from cag.checkpoints import (
     SHIPPED_WEIGHTS,
     WEIGHTS_SUFFIX,
     CheckpointLoadError,
+    file_sha256,
     read_checkpoint,
     shipped_weights,
     weights_seed,
@@ -72,25 +72,29 @@ def validate_train_config(cfg: DictConfig) -> None:
         )
 
 
-def check_resume_checkpoint(path: str | None) -> None:
+def check_resume_checkpoint(path: str | None) -> dict[str, Any]:
     """A missing or unreadable ``ckpt_path`` is named before anything is built (loaded without unpickling code).
+
+    Returns the checkpoint's hyper-parameters (empty without one, or for a sharded folder), which
+    rebuild the resumed run's frozen parts.
 
     The file is memory-mapped, not read: Lightning loads it again when training starts, and a
     full load here would hold a second copy of the weights and optimizer state (for the real
     model, tens of GB) just to look at two keys.
     """
     if not path:
-        return
+        return {}
     if not Path(path).exists():
         raise ConfigError(f"ckpt_path={path} does not exist")
     if Path(path).suffix == WEIGHTS_SUFFIX:
         raise ConfigError(f"ckpt_path={path} is a weights file (no optimizer, step or data position): "
                           f"start a new run from it with init_from={path}")
-    if Path(path).is_file():  # a folder is a sharded (distributed) checkpoint: Lightning's strategy reads it
-        try:
-            read_checkpoint(path, need_model_config=False, mmap=True)
-        except CheckpointLoadError as exc:
-            raise ConfigError(f"ckpt_path={exc}") from exc
+    if not Path(path).is_file():  # a folder is a sharded (distributed) checkpoint: Lightning's strategy reads it
+        return {}
+    try:
+        return dict(read_checkpoint(path, need_model_config=False, mmap=True).get("hyper_parameters") or {})
+    except CheckpointLoadError as exc:
+        raise ConfigError(f"ckpt_path={exc}") from exc
 
 
 AUTO_RESUME = "auto"
@@ -127,11 +131,7 @@ def read_init_checkpoint(path: str | None) -> tuple[dict[str, Any], str] | None:
         ckpt = read_checkpoint(path, need_model_config=True)
     except CheckpointLoadError as exc:
         raise ConfigError(f"init_from={exc}") from exc
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return ckpt, digest.hexdigest()
+    return ckpt, file_sha256(path)
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -149,14 +149,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     validate_train_config(cfg)
     with open_dict(cfg):
         cfg.ckpt_path = resolve_resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir)
-    check_resume_checkpoint(cfg.get("ckpt_path"))
+    resumed = check_resume_checkpoint(cfg.get("ckpt_path"))
     # a fine-tune reads its base (weights, frozen-parts seed, digest); a resumed one has its own weights but
     # is still that base's fine-tune: same frozen parts, same digest in MLflow
     base = read_init_checkpoint(cfg.get("init_from"))
     frozen_seed = weights_seed(base[0]["hyper_parameters"]) if base is not None else None
-    if cfg.get("ckpt_path") and Path(cfg.ckpt_path).is_file():
-        resumed = read_checkpoint(cfg.ckpt_path, need_model_config=False, mmap=True).get("hyper_parameters") or {}
-        frozen_seed = resumed.get("weights_seed", frozen_seed)
+    frozen_seed = resumed.get("weights_seed", frozen_seed)
     L.seed_everything(cfg.seed, workers=True)
 
     if cfg.get("logger") and cfg.logger.get("mlflow") is not None:

@@ -1,9 +1,13 @@
 """The shipped base model: export its weights, measure it per ladder level, write its model card.
 
-    python src/train.py preset=base                                  # train (resumable: run it again)
-    python experiments/base_model.py export outputs/base/seed0/checkpoints/last.ckpt --trained-at COMMIT
-    python experiments/base_model.py card                            # evaluate levels 0-3, write the card
-    python experiments/base_model.py curve outputs/base/seed0        # pretraining curve (kept checkpoints)
+    python src/train.py preset=base                                  # stage 1: one subject (resumable: run it again)
+    python experiments/base_model.py export outputs/base/seed0/checkpoints/last.ckpt --trained-at COMMIT \
+        --out outputs/base_model/stage1.safetensors                  # stage 1's record, which stage 2's export reads
+    python src/train.py preset=base_multi                            # stage 2: one or two subjects, from stage 1
+    python experiments/base_model.py export outputs/base_multi/seed0/checkpoints/last.ckpt --trained-at COMMIT \
+        --previous outputs/base_model/stage1.json                    # the shipped file, its record names both stages
+    python experiments/base_model.py card                            # evaluate levels 0-4, write the card
+    python experiments/base_model.py curve outputs/base_multi/seed0 --levels 2 3   # pretraining curve (kept checkpoints)
 
 ``export`` writes the checkpoint's EMA weights (no optimizer state) as a weights file
 (``cag.checkpoints.write_weights_file``) into ``src/cag/models/assets/tiny_base.safetensors``, with
@@ -36,8 +40,8 @@ NAME = "tiny_base"
 WEIGHTS = SHIPPED_WEIGHTS / f"{NAME}.safetensors"
 RECORD = SHIPPED_WEIGHTS / f"{NAME}.json"
 CARD = SHIPPED_WEIGHTS / f"{NAME}.md"
-LEVELS = (0, 1, 2, 3)
-CHECK_LEVEL, CHECK_N = 2, 16
+LEVELS = (0, 1, 2, 3, 4)
+CHECK_LEVEL, CHECK_N = 3, 16  # the check samples today's benchmark (two subjects)
 CARD_METRICS = ("proxy_pf_subjects", "proxy_sc_subjects", "proxy_pf", "proxy_sc", "proxy_overall", "bound", "swapped")
 _PARTS = {"proxy_pf_subjects": "pf_subjects", "proxy_sc_subjects": "sc_subjects"}
 _ELAPSED = re.compile(r"step (\d+)/\d+ .*elapsed (\d+):(\d\d):(\d\d)")
@@ -68,6 +72,11 @@ def training_seconds(log_path: Path) -> tuple[float, int]:
     return sum(segments), len(segments)
 
 
+_STARTED_FROM = re.compile(r"starting from (\S+) \(\w+ weights, sha256 ([0-9a-f]+)")
+STAGE_KEYS = ("command", "trained_at_commit", "global_step", "samples_seen", "batch_size", "training_seconds",
+              "starts", "machine", "attention", "vae_dropout", "synthetic")
+
+
 def export(args: argparse.Namespace) -> Path:
     ckpt_path = Path(args.checkpoint).resolve()
     ckpt = read_checkpoint(ckpt_path)
@@ -82,6 +91,7 @@ def export(args: argparse.Namespace) -> Path:
     data = _hydra_config(run_dir).get("data", {})
     step = int(ckpt.get("global_step") or 0)
     seconds, starts = training_seconds(run_dir / "train.log")
+    earlier = earlier_stages(run_dir, Path(args.previous) if args.previous else None)
     out = Path(args.out)
     write_weights_file(out, ema, hp, weights="ema", global_step=step, source=str(ckpt_path.name))
     record = {
@@ -93,6 +103,8 @@ def export(args: argparse.Namespace) -> Path:
         "synthetic": data.get("synthetic"), "model": hp["model"].get("name"),
         "parameters": int(sum(v.numel() for v in ema.values())),
     }
+    if earlier:
+        record["earlier_stages"] = earlier
     rec_path = out.with_suffix(".json")
     old = json.loads(rec_path.read_text()) if rec_path.is_file() else {}
     if old.get("sha256") == record["sha256"]:
@@ -100,6 +112,33 @@ def export(args: argparse.Namespace) -> Path:
     rec_path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out} ({record['bytes'] / 1e6:.1f} MB, sha256 {record['sha256'][:12]}) and {rec_path}")
     return out
+
+
+def earlier_stages(run_dir: Path, previous: Path | None) -> list[dict[str, Any]]:
+    """The stages before this run, for a run that started from another base (``init_from``).
+
+    Why: a curriculum base (``preset=base`` then ``preset=base_multi``) is only reproducible with
+    every stage's command, commit and budget on its card. The run's log names the digest of what it
+    started from; ``previous`` (that base's export record) must describe the same weights file, or
+    the file it was exported from when the run started from a checkpoint.
+    """
+    log_text = (run_dir / "train.log").read_text() if (run_dir / "train.log").is_file() else ""
+    started = _STARTED_FROM.search(log_text)
+    if started is None:
+        if previous is not None:
+            raise SystemExit(f"{run_dir}: the run did not start from another base (no init_from in its log); "
+                             f"drop --previous {previous}")
+        return []
+    given, digest = started.groups()
+    if previous is None:
+        raise SystemExit(f"{run_dir}: the run started from {given} (sha256 {digest}); give --previous with that "
+                         "base's export record (the .json written beside its weights file)")
+    prev = json.loads(previous.read_text())
+    if not prev["sha256"].startswith(digest):
+        print(f"note: {run_dir} started from {given} (sha256 {digest}); {previous} describes {prev['sha256'][:12]} "
+              "(the weights file exported from that checkpoint, if the run started from a checkpoint)")
+    this = {k: prev.get(k) for k in STAGE_KEYS} | {"sha256": prev["sha256"]}
+    return [*prev.get("earlier_stages", []), this]
 
 
 def _hydra_config(run_dir: Path) -> dict[str, Any]:
@@ -163,36 +202,50 @@ def _fmt(s: dict[str, float] | None) -> str:
     return "—" if not s else f"{s['mean']:.2f} [{s['lo']:.2f}, {s['hi']:.2f}]"
 
 
+def _stage_row(i: int, st: dict[str, Any]) -> str:
+    subjects = (st.get("synthetic") or {}).get("num_characters")
+    return (f"| {i} | `{st['command']}` | `{st['trained_at_commit']}` | {st['global_step']:,} | {st['samples_seen']:,} | "
+            f"{st['training_seconds']:.0f} s over {st['starts']} start(s) | {subjects} | {st['attention']} / {st['vae_dropout']} |")
+
+
 def card_text(r: dict[str, Any]) -> str:
     rows = [f"| level {k[5:]} | " + " | ".join(_fmt(v.get(m)) for m in CARD_METRICS) + " |"
             for k, v in sorted(r.get("scores", {}).items())]
-    minutes = r["training_seconds"] / 60
+    stages = [*r.get("earlier_stages", []), {k: r.get(k) for k in STAGE_KEYS}]
+    seconds = sum(st["training_seconds"] for st in stages)
+    samples = sum(st["samples_seen"] for st in stages)
     return "\n".join([
         f"# Model card: `{r['file']}`",
         "",
         "The pretrained base of the paper's regime at CPU scale: the tiny DiT (`conf/model/tiny.yaml`) trained",
-        "to copy one subject from its reference (the ladder's level 2), so that fine-tunes on two subjects start",
-        "from a model that already copies (docs/design.md, 'The pretrained base'). Weights only (EMA, no",
-        "optimizer state); the frozen VLM and codec are rebuilt from the model config and `weights_seed`",
-        "stored in the file. Use: `python src/train.py init_from=tiny_base ...`.",
+        "to copy subjects from their references before any fine-tune, as the paper's base does (docs/design.md,",
+        "'The pretrained base'). Weights only (EMA, no optimizer state); the frozen VLM and codec are rebuilt",
+        "from the model config and `weights_seed` stored in the file. Use: `python src/train.py init_from=tiny_base ...`.",
         "",
         "| fact | value |",
         "|---|---|",
         f"| sha256 | `{r['sha256']}` |",
         f"| size | {r['bytes'] / 1e6:.1f} MB, {r['parameters']:,} parameters |",
-        f"| trained at commit | `{r['trained_at_commit']}` |",
-        f"| command | `{r['command']}` |",
-        f"| steps | {r['global_step']:,} (batch {r['batch_size']}) |",
-        f"| samples seen | {r['samples_seen']:,} (training characters only: the synthetic train split) |",
-        f"| training wall time | {r['training_seconds']:.0f} s ({minutes:.1f} min) over {r['starts']} start(s) |",
+        f"| trained at commit | `{r['trained_at_commit']}` (last stage) |",
+        f"| command | `{r['command']}` (last stage) |",
+        f"| stages | {len(stages)} (below) |",
+        f"| samples seen | {samples:,} over all stages (training characters only: the synthetic train split) |",
+        f"| training wall time | {seconds:.0f} s ({seconds / 60:.1f} min) over all stages |",
         f"| machine | {r['machine']} |",
-        f"| attention / VAE dropout / weights seed | {r['attention']} / {r['vae_dropout']} / {r['weights_seed']} |",
-        f"| data | synthetic `{json.dumps(r.get('synthetic'), sort_keys=True)}` |",
+        f"| weights seed | {r['weights_seed']} |",
+        f"| data (last stage) | synthetic `{json.dumps(r.get('synthetic'), sort_keys=True)}` |",
+        "",
+        "Stages, in order (each starts from the one before; batch "
+        f"{r['batch_size']}; wall time of training on the machine above):",
+        "",
+        "| stage | command | commit | steps | samples | wall time | subjects per sample | attention / VAE dropout |",
+        "|---|---|---|---:|---:|---|---|---|",
+        *[_stage_row(i, st) for i, st in enumerate(stages, start=1)],
         "",
         f"Test scores per ladder level (`{r.get('scores_command', 'python experiments/base_model.py card')}`): judge-free",
         "proxies, 0-10, mean [95 % bootstrap interval over the test samples], one training seed; each level's own",
         "300-sample test split (test characters never seen in training). bound / swapped: share of subjects of",
-        "two-subject samples wearing their own / the other's reference colours (level 3 only; the base never saw two).",
+        "samples with two or more subjects wearing their own / another subject's reference colours.",
         "",
         "| level | subjects PF | subjects SC | PF | SC | Overall | bound | swapped |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -250,12 +303,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     p.add_argument("--out", default=str(WEIGHTS))
     p.add_argument("--trained-at", required=True, help="commit of the code that trained the checkpoint")
     p.add_argument("--machine", default=None, help="the machine that trained it (default: this one)")
+    p.add_argument("--previous", default=None,
+                   help="export record (.json) of the base the run started from (init_from): a curriculum's earlier stage")
     p.set_defaults(func=export)
     p = sub.add_parser("card", help="evaluate the weights file per level and write the model card")
     p.add_argument("--weights", default=str(WEIGHTS))
     p.add_argument("--n", type=int, default=300)
     p.add_argument("--levels", type=int, nargs="+", default=list(LEVELS),
-                   help=f"ladder levels to measure (level {CHECK_LEVEL}, the base's, is always one)")
+                   help=f"ladder levels to measure (level {CHECK_LEVEL}, the check's, is always one)")
     p.add_argument("--eval-dir", default="outputs/base_model/eval")
     p.set_defaults(func=card)
     p = sub.add_parser("curve", help="pretraining curve from a base run's kept checkpoints")

@@ -219,6 +219,20 @@ def test_preset_base_trains_level_2_with_full_attention_in_a_fixed_resumable_fol
     assert cfg.callbacks.curve_checkpoints.every_n_train_steps > 0
 
 
+def test_preset_base_multi_continues_stage_one_on_one_or_two_subjects_in_its_own_folder(tmp_path):
+    """Stage 2 of the curriculum base: stage 1's recipe (full attention, no dropout, auto resume), its weights,
+    one or two subjects per sample, and a folder of its own so that stage 1's last.ckpt is never resumed."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["preset=base_multi", "seed=3"], return_hydra_config=True)
+        stage1 = compose(config_name="train", overrides=["preset=base", "seed=3"], return_hydra_config=True)
+    assert list(cfg.data.synthetic.num_characters) == [1, 2]
+    assert (cfg.data.synthetic.place, cfg.data.synthetic.shot) == ("text", "text")
+    assert (cfg.attention, cfg.vae_dropout, cfg.ckpt_path) == ("full", 0.0, "auto")
+    assert cfg.init_from == f"{stage1.hydra.run.dir}/checkpoints/last.ckpt"
+    assert cfg.hydra.run.dir == "outputs/base_multi/seed3" != stage1.hydra.run.dir
+    assert cfg.callbacks.curve_checkpoints.every_n_train_steps > 0
+
+
 def test_init_from_a_missing_file_or_another_architecture_is_refused_by_name(tmp_path):
     with pytest.raises(ConfigError, match="init_from=.*nowhere.ckpt does not exist"):
         train(_cfg(tmp_path, "trainer.max_steps=1", f"init_from={tmp_path / 'nowhere.ckpt'}"))

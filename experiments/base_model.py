@@ -276,7 +276,8 @@ def curve(args: argparse.Namespace) -> Path:
     csv = out / "pretraining_curve.csv"
     keys = list(rows[0]) if rows else ["step"]
     csv.write_text(",".join(keys) + "\n" + "".join(",".join(str(r[k]) for k in keys) + "\n" for r in rows))
-    fig, ax = plots.figure(figsize=(6.0, 4.0))
+    fig, axes = plots.figure(figsize=(6.0, 4.0))
+    ax = axes[0, 0]
     for level in args.levels:
         pts = [r for r in rows if r["level"] == level]
         ax.errorbar([r["samples_seen"] for r in pts], [r["proxy_pf_subjects_mean"] for r in pts],

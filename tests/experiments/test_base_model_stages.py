@@ -59,3 +59,26 @@ def test_the_card_lists_every_stage_and_the_total_budget():
     assert len(stage_rows) == 2
     assert "preset=base`" in stage_rows[0] and "preset=base_multi" in stage_rows[1]
     assert "108,000 over all stages" in text and "3247 s" in text
+
+
+def test_the_pretraining_curve_writes_one_row_per_kept_checkpoint_and_level_and_a_plot(tmp_path, monkeypatch):
+    """The curve reads the run's kept checkpoints in step order; the evaluations are stubbed by their scores."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "curve").mkdir(parents=True)
+    for step in (3000, 1500):
+        (run / "checkpoints" / "curve" / f"curve-step{step:06d}.ckpt").write_bytes(b"")
+    monkeypatch.setattr(base_model, "evaluate_level", lambda ckpt, level, n, root: Path(f"{ckpt.stem}-{level}"))
+
+    def scores(eval_dir: Path) -> dict:
+        step, level = int(str(eval_dir).split("step")[1].split("-")[0]), int(str(eval_dir)[-1])
+        value = {"mean": step / 1000 + level, "lo": 0.0, "hi": 10.0}
+        return {"proxy_pf_subjects": value, "proxy_sc_subjects": value}
+
+    monkeypatch.setattr(base_model, "level_scores", scores)
+    out = tmp_path / "out"
+    base_model.main(["curve", str(run), "--levels", "2", "3", "--out", str(out), "--eval-dir", str(tmp_path / "eval")])
+    lines = (out / "pretraining_curve.csv").read_text().splitlines()
+    rows = [dict(zip(lines[0].split(","), line.split(","), strict=True)) for line in lines[1:]]
+    assert [(r["step"], r["level"]) for r in rows] == [("1500", "2"), ("1500", "3"), ("3000", "2"), ("3000", "3")]
+    assert float(rows[3]["proxy_pf_subjects_mean"]) == 6.0 and rows[0]["samples_seen"] == str(1500 * 8)
+    assert (out / "pretraining_curve.png").stat().st_size > 0

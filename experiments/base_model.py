@@ -45,6 +45,10 @@ CHECK_LEVEL, CHECK_N = 3, 16  # the check samples today's benchmark (two subject
 CARD_METRICS = ("proxy_pf_subjects", "proxy_sc_subjects", "proxy_pf", "proxy_sc", "proxy_overall", "bound", "swapped")
 _PARTS = {"proxy_pf_subjects": "pf_subjects", "proxy_sc_subjects": "sc_subjects"}
 _ELAPSED = re.compile(r"step (\d+)/\d+ .*elapsed (\d+):(\d\d):(\d\d)")
+_STARTED_FROM = re.compile(r"starting from (\S+) \(\w+ weights, sha256 ([0-9a-f]+)")  # cag.train's init_from line
+# what a curriculum's record keeps of each earlier stage (its card's stage table)
+STAGE_KEYS = ("command", "trained_at_commit", "global_step", "samples_seen", "batch_size", "training_seconds",
+              "starts", "machine", "attention", "vae_dropout", "synthetic")
 
 
 def this_machine() -> str:
@@ -70,11 +74,6 @@ def training_seconds(log_path: Path) -> tuple[float, int]:
         segments[-1] = float(t)
         last = t
     return sum(segments), len(segments)
-
-
-_STARTED_FROM = re.compile(r"starting from (\S+) \(\w+ weights, sha256 ([0-9a-f]+)")
-STAGE_KEYS = ("command", "trained_at_commit", "global_step", "samples_seen", "batch_size", "training_seconds",
-              "starts", "machine", "attention", "vae_dropout", "synthetic")
 
 
 def export(args: argparse.Namespace) -> Path:

@@ -26,6 +26,7 @@ class EvalOutcome:
     judge_calls: int = 0
     judge_models: list[str] = field(default_factory=list)
     eval_run_id: str | None = None
+    metric_prefix: str | None = None  # where the headline went on the training run: <prefix>/PF, ...
     external: ExternalImages | None = None
 
 
@@ -65,5 +66,6 @@ def format_report(outcome: EvalOutcome) -> str:
         lines.append(f"  {key}: {path}")
     if outcome.eval_run_id:
         run = outcome.target.train_run_id
-        lines.append(f"MLflow: evaluation run {outcome.eval_run_id}" + (f", metrics written onto training run {run}" if run else ""))
+        lines.append(f"MLflow: evaluation run {outcome.eval_run_id}"
+                     + (f", metrics written onto training run {run} as {outcome.metric_prefix}/..." if run else ""))
     return "\n".join(lines)

@@ -173,8 +173,9 @@ def evaluate(cfg: DictConfig | Mapping[str, Any]) -> EvalOutcome:
     if external is not None:
         info["external_images"] = external.summary()
     if tracking_uri:
-        outcome.eval_run_id = log_to_mlflow(c, outcome, tracking_uri)
+        outcome.eval_run_id, outcome.metric_prefix = log_to_mlflow(c, outcome, tracking_uri)
         info["eval_run_id"] = outcome.eval_run_id
+        info["metric_prefix"] = outcome.metric_prefix
     files["run_info"] = out_dir / "run_info.json"
     files["run_info"].write_text(json.dumps(jsonable(info), indent=2), encoding="utf-8")
     return outcome

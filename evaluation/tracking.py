@@ -1,11 +1,15 @@
 """MLflow record of one evaluation: a run in the evaluation experiment, tagged with the training
 run it evaluates, and the headline metrics written onto that training run too, so ``mlflow ui``
 shows configurations and their scores side by side. Table 3's runs use another prefix
-(``eval_noref/``) so they do not overwrite the default evaluation.
+(``eval_noref/``) so they do not overwrite the default evaluation. With the default prefix
+``auto``, an evaluation on another benchmark than the one the run trained on (another ladder
+level, colour words off, another generator seed) writes under a prefix that names the
+difference, so a run's study metrics (``eval/...``) only ever hold its own benchmark's scores.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +20,38 @@ from cag.utils.config import flatten_config
 from evaluation.outcome import EvalOutcome
 from evaluation.scoring import METRIC_NAMES
 from evaluation.target import EXTERNAL, checkpoint_name, mlflow_client
+
+AUTO_PREFIX = "auto"
+DEFAULT_PREFIX = "eval"
+# the data keys (as the training run logs them) that decide which test split an evaluation scores
+BENCHMARK_KEYS = (
+    "data/source",
+    "data/synthetic/num_characters",
+    "data/synthetic/place",
+    "data/synthetic/shot",
+    "data/synthetic/describe_colours",
+    "data/synthetic/image_size",
+    "data/synthetic/seed",
+)
+
+
+def resolve_metric_prefix(configured: str, eval_data: Mapping[str, Any], train_params: Mapping[str, str]) -> str:
+    """``auto``: ``eval`` when the evaluation scores the benchmark the run trained on, else a prefix naming how
+    it differs (``eval_num_characters_3`` for level 4 against a level-3 run); any other value is kept.
+
+    Without this, scoring a model on another benchmark replaced its study metrics on the training run,
+    and the next table build silently read the other benchmark's scores.
+    """
+    if configured != AUTO_PREFIX:
+        return configured
+    ours = {k: str(v) for k, v in flatten_config({"data": dict(eval_data)}).items()}
+    if ours.get("data/source") != "synthetic":  # only the synthetic generator's test split is comparable key by key
+        ours = {k: v for k, v in ours.items() if not k.startswith("data/synthetic/")}
+    differs = [(k, ours[k]) for k in BENCHMARK_KEYS if k in ours and k in train_params and ours[k] != train_params[k]]
+    if not differs:
+        return DEFAULT_PREFIX
+    parts = "_".join(f"{k.rsplit('/', 1)[-1]}_{v}" for k, v in differs)
+    return f"{DEFAULT_PREFIX}_{re.sub(r'[^A-Za-z0-9_.-]+', '-', parts)}"
 
 
 def _eval_params(c: Mapping[str, Any], outcome: EvalOutcome) -> dict[str, Any]:
@@ -50,8 +86,9 @@ def _eval_params(c: Mapping[str, Any], outcome: EvalOutcome) -> dict[str, Any]:
     return {k: ("None" if v is None else str(v))[:500] for k, v in flatten_config(params).items()}
 
 
-def log_to_mlflow(c: Mapping[str, Any], outcome: EvalOutcome, tracking_uri: str) -> str:
-    """One run in the evaluation experiment, tagged with the training run; headline metrics also on that run."""
+def log_to_mlflow(c: Mapping[str, Any], outcome: EvalOutcome, tracking_uri: str) -> tuple[str, str]:
+    """One run in the evaluation experiment, tagged with the training run; headline metrics also on that run,
+    under the prefix returned beside the run id (see ``resolve_metric_prefix``)."""
     # local: mlflow is a slow import that mlflow.enabled=false runs and export.py never use
     from mlflow.entities import Metric, Param, RunTag
 
@@ -66,7 +103,8 @@ def log_to_mlflow(c: Mapping[str, Any], outcome: EvalOutcome, tracking_uri: str)
     )
     mark_model_training_experiment(client, exp_id)  # so mlflow ui opens the runs table, as for training
     target = outcome.target
-    prefix = str(ml.get("metric_prefix", "eval"))
+    train_params = client.get_run(target.train_run_id).data.params if target.train_run_id else {}
+    prefix = resolve_metric_prefix(str(ml.get("metric_prefix", AUTO_PREFIX)), c.get("data") or {}, train_params)
     tags = {
         "mlflow.runName": f"{prefix}:{outcome.rows[0].method}",
         "train_run_id": target.train_run_id or "",
@@ -119,4 +157,4 @@ def log_to_mlflow(c: Mapping[str, Any], outcome: EvalOutcome, tracking_uri: str)
             metrics=[Metric(f"{prefix}/{k}", v, now, 0) for k, v in outcome.headline.items()],
             tags=[RunTag(f"{prefix}/run_id", run_id), RunTag(f"{prefix}/judge_model", tags["judge/model_reported"])],
         )
-    return run_id
+    return run_id, prefix

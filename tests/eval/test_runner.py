@@ -23,6 +23,7 @@ from report_support import parse_markdown_table
 from evaluation.generation import _contiguous
 from evaluation.runner import EvaluationError, find_target
 from evaluation.scoring import judge_availability
+from evaluation.tracking import resolve_metric_prefix
 from experiments.benchmarks.fake_chat_api import OpenAICompatServer, Reply
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,6 +147,52 @@ def test_run_py_evaluates_newest_checkpoint_reports_skips_tracks_and_reruns_for_
     needle = FAKE_KEY.encode()
     leaked = [p for p in work.rglob("*") if p.is_file() and needle in p.read_bytes()]
     assert leaked == []
+
+
+def test_an_evaluation_on_another_level_keeps_the_runs_study_metrics_and_logs_under_its_own_prefix(
+    tmp_path, monkeypatch
+):
+    """Scoring a level-3 run on level 4 used to replace its eval/... metrics and eval/run_id (tables then read
+    the level-4 scores as the study's); now level 4 goes under a prefix naming the difference."""
+    work = tmp_path
+    _, train_run_id = _train_checkpoint(work)
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlruns.db'}")
+    common = ["n=2", "sampler.num_steps=2", "progress=false", "evaluation.judge.enabled=false",
+              "metrics.enabled=false"]
+    _run_app([*common, f"hydra.run.dir={work / 'eval_level3'}"], monkeypatch)
+    _run_app([*common, "synthetic@data.synthetic=level4", f"hydra.run.dir={work / 'eval_level4'}"], monkeypatch)
+
+    level3 = json.loads((work / "eval_level3" / "run_info.json").read_text())
+    level4 = json.loads((work / "eval_level4" / "run_info.json").read_text())
+    assert (level3["metric_prefix"], level4["metric_prefix"]) == ("eval", "eval_num_characters_3")
+    train_run = mlflow.tracking.MlflowClient(f"sqlite:///{work / 'mlruns.db'}").get_run(train_run_id).data
+    assert train_run.tags["eval/run_id"] == level3["eval_run_id"], "the study's evaluation is still the level-3 one"
+    assert train_run.metrics["eval/proxy_Overall"] == level3["headline"]["proxy_Overall"]
+    assert train_run.tags["eval_num_characters_3/run_id"] == level4["eval_run_id"]
+    assert train_run.metrics["eval_num_characters_3/proxy_Overall"] == level4["headline"]["proxy_Overall"]
+    assert level3["headline"]["proxy_Overall"] != level4["headline"]["proxy_Overall"]
+
+
+def test_auto_prefix_names_every_benchmark_key_that_differs_from_training_and_keeps_an_explicit_one():
+    train = {"data/source": "synthetic", "data/synthetic/num_characters": "2", "data/synthetic/place": "text",
+             "data/synthetic/shot": "text", "data/synthetic/describe_colours": "True",
+             "data/synthetic/image_size": "128", "data/synthetic/seed": "0", "data/batch_size": "8"}
+    same = {"source": "synthetic", "split": "test", "synthetic": {"num_characters": 2, "place": "text", "shot": "text",
+                                                                    "describe_colours": True, "image_size": 128, "seed": 0}}
+    assert resolve_metric_prefix("auto", same, train) == "eval"
+    level0 = {**same, "synthetic": {**same["synthetic"], "num_characters": 1, "place": "centre", "shot": "medium"}}
+    assert resolve_metric_prefix("auto", level0, train) == "eval_num_characters_1_place_centre_shot_medium"
+    no_words = {**same, "synthetic": {**same["synthetic"], "describe_colours": False}}
+    assert resolve_metric_prefix("auto", no_words, train) == "eval_describe_colours_False"
+    assert resolve_metric_prefix("auto", {**same, "synthetic": {**same["synthetic"], "seed": 7}}, train) == "eval_seed_7"
+    # a stage-2 base trained on one or two subjects: level 3 is not its training distribution
+    mixed = {**train, "data/synthetic/num_characters": "[1, 2]"}
+    assert resolve_metric_prefix("auto", same, mixed) == "eval_num_characters_2"
+    assert resolve_metric_prefix("eval", level0, train) == "eval", "an explicit prefix is the caller's decision"
+    assert resolve_metric_prefix("auto", level0, {}) == "eval", "no training run: nothing to protect"
+    shards = {"source": "shards", "urls": "test-{000..001}.tar", "synthetic": same["synthetic"]}
+    assert resolve_metric_prefix("auto", shards, train) == "eval_source_shards"
 
 
 # --------------------------------------------------------------------------- pieces, no model

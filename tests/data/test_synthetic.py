@@ -290,6 +290,27 @@ def test_level_3_is_todays_benchmark_byte_for_byte():
                                                                strict=True))
 
 
+@pytest.mark.parametrize("level", [3, 4])
+def test_ordered_places_put_the_references_left_to_right_and_change_nothing_else(level):
+    """place=ordered: a subject's reference slot alone says where it stands (binding without reading the text);
+    the cast, the set of places, the shot, the scene and its props are the sample drawn under place=text."""
+    xs = {"left": 0, "centre": 1, "right": 2}
+    unordered = 0
+    for i in range(30):
+        told = generate_sample("test", i, _level(level))
+        s = generate_sample("test", i, _level(level, place="ordered"))
+        positions = [p.position for p in s.truth.subjects]
+        assert [xs[p] for p in positions] == sorted(xs[p] for p in positions), (i, positions)
+        assert [p.name for p in s.truth.subjects] == [p.name for p in told.truth.subjects]
+        assert sorted(positions) == sorted(p.position for p in told.truth.subjects)
+        assert _shot(s) == _shot(told) and s.truth.scene == told.truth.scene
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(s.references, told.references, strict=True))
+        unordered += positions != [p.position for p in told.truth.subjects]
+    assert unordered >= 5, "under place=text the reference order and the left-to-right order are independent"
+    with pytest.raises(ValueError, match="ordered"):
+        _level(3, place="sorted").check()
+
+
 @pytest.mark.parametrize("level", [0, 3])
 def test_without_colour_words_the_instruction_names_each_subject_and_its_place_only(level):
     for i in range(20):

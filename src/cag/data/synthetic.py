@@ -159,6 +159,9 @@ _BODY, _HAIR, _TOP, _BOTTOM, _ACC = 1, 2, 3, 4, 5
 _PROP_LABEL = 100
 
 
+PLACE_MODES = ("text", "centre", "ordered")
+
+
 @dataclass
 class SyntheticConfig:
     """What varies the benchmark; ``num_characters`` is an int or an inclusive ``[min, max]`` range."""
@@ -168,7 +171,9 @@ class SyntheticConfig:
     seed: int = 0
     # the difficulty ladder (conf/synthetic/level0..4.yaml; docs/design.md, 'Difficulty ladder'): what the
     # instruction decides. "text": drawn per sample and said in the instruction; a fixed value: every sample
-    place: str = "text"            # text | centre (one character only)
+    # text | centre (one character only) | ordered: from the text, the references standing left to right in
+    # their order, so a subject's reference slot alone says where it stands (binding without reading the text)
+    place: str = "text"
     shot: str = "text"             # text | close-up | medium | long
     describe_colours: bool = True  # False: the instruction names each subject and its place, not what it wears
 
@@ -201,8 +206,8 @@ class SyntheticConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"SyntheticConfig.seed={self.seed!r} must be an int")
         lo, hi = self.character_range()
-        if self.place not in ("text", "centre"):
-            raise ValueError(f"SyntheticConfig.place={self.place!r} must be 'text' or 'centre'")
+        if self.place not in PLACE_MODES:
+            raise ValueError(f"SyntheticConfig.place={self.place!r} must be one of {list(PLACE_MODES)}")
         if self.place == "centre" and hi > 1:
             raise ValueError(f"SyntheticConfig.place='centre' needs num_characters=1 (got {self.num_characters!r}): "
                              "only one character stands in the centre")
@@ -623,6 +628,8 @@ def _layout(rng: random.Random, cast: list[Character], cfg: SyntheticConfig) -> 
     height, feet = _SHOTS[shot]
     order = list(positions)
     rng.shuffle(order)  # reference order and left-to-right order are independent
+    if cfg.place == "ordered":  # after the shuffle, so the rest of the sample is the same as under "text"
+        order.sort(key=_POSITION_X.__getitem__)
     placements = []
     for ch, pos in zip(cast, order, strict=True):
         cx = _POSITION_X[pos]

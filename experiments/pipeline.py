@@ -99,6 +99,18 @@ def run_pipeline(
     return files
 
 
+def select_rows(configs: Sequence[Config], rows: str | None, parser: argparse.ArgumentParser) -> list[Config]:
+    """``--rows``: a subset of the study's rows, in the study's order; an unknown label stops before any training."""
+    if rows is None:
+        return list(configs)
+    wanted = [r.strip() for r in rows.split(",") if r.strip()]
+    labels = [c.label for c in configs]
+    unknown = [r for r in wanted if r not in labels]
+    if unknown or not wanted:
+        parser.error(f"--rows {rows!r}: {', '.join(unknown) or 'no label'} not among this study's rows {labels}")
+    return [c for c in configs if c.label in wanted]
+
+
 def cli(
     argv: Sequence[str] | None,
     *,
@@ -120,6 +132,7 @@ def cli(
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     apply_start(args, parser)
+    configs = select_rows(configs, args.rows, parser)
     try:
         return run_pipeline(args, name=name, configs=configs, metric_prefix=metric_prefix,
                             eval_overrides=eval_overrides, build=build)

@@ -182,6 +182,9 @@ def add_common_args(parser: argparse.ArgumentParser, name: str, *, finetune: boo
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps per job (trainer.max_steps); default: the preset's")
     parser.add_argument("--n-eval", type=int, default=300, help="test samples per evaluation (paper: 300)")
+    parser.add_argument("--rows", default=None, metavar="LABEL,...",
+                        help="only these configurations (comma-separated row labels, e.g. baseline,ablation_mask); "
+                             "comparisons that need another row are left out; default: every row")
     parser.add_argument("--num-steps", type=int, default=None,
                         help="sampling steps; default: not passed, evaluation/run.py's own default decides")
     parser.add_argument("--cfg-scale", type=float, default=None,

@@ -161,6 +161,8 @@ def evaluate(cfg: DictConfig | Mapping[str, Any]) -> EvalOutcome:
         "train_run_id": target.train_run_id,
         "train_run_name": target.train_run_name,
         "n": len(samples),
+        # the benchmark scored, so later analyses (experiments/proxy_breakdown.py) can rebuild its samples
+        "data": {k: v for k, v in (c.get("data") or {}).items() if k != "num_samples"},
         "generations_dir": str(gen.directory),
         "generated_now": gen.generated,
         "reused": gen.reused,

@@ -1,6 +1,6 @@
 """Where a proxy score comes from: subjects against props and scene, per evaluation run.
 
-    python experiments/proxy_breakdown.py EVAL_DIR [EVAL_DIR ...] [--labels a,b]
+    python experiments/proxy_breakdown.py EVAL_DIR [EVAL_DIR ...] [--labels a,b] [--by-slot-order]
 
 Reads each run's ``results.jsonl`` (written by ``python evaluation/run.py``) and prints the
 headline proxies beside their parts (``evaluation.proxies.proxy_parts``): PF of the subjects,
@@ -10,6 +10,10 @@ bootstrap interval over test samples. Why it exists: the headline averages subje
 together, so copying the scene reference alone scores about 3.6 while a subject that is drawn
 entirely wrong costs only part of the score; the parts show which half of the task moved.
 Results written before the parts existed have no ``parts`` entry and are refused by name.
+``--by-slot-order`` splits each run's samples of two or more subjects by whether their references
+stand left to right in reference order (rebuilt from the synthetic generator with the evaluation's
+own config): a model that binds by reference slot instead of reading the text binds the first group
+and swaps the second.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from experiments.stats import bootstrap
 
 PARTS = ("pf_subjects", "pf_props", "sc_subjects", "sc_scene")
 HEADLINE = ("proxy_pf", "proxy_sc", "proxy_overall")
+ROOT = Path(__file__).resolve().parents[1]
 BINDING = ("bound", "swapped", "missing")  # share of a sample's subjects (0-1; NaN with one subject)
 
 
@@ -58,6 +63,46 @@ def read_parts(eval_dir: Path) -> dict[str, np.ndarray]:
     out = {k: np.asarray(v, dtype=float) for k, v in rows.items()}
     out["keys"] = np.asarray(keys)
     return out
+
+
+def evaluation_synthetic(eval_dir: Path, fallback: str | None) -> dict:
+    """The synthetic benchmark an evaluation scored: run_info.json's data block, else its Hydra config, else
+    ``fallback`` (a conf/synthetic option name or a YAML file), for folders that record neither."""
+    from omegaconf import OmegaConf  # local: only --by-slot-order needs it
+
+    info_path, hydra_path = eval_dir / "run_info.json", eval_dir / ".hydra" / "config.yaml"
+    data = json.loads(info_path.read_text()).get("data") if info_path.is_file() else None
+    if data is None and hydra_path.is_file():
+        data = OmegaConf.to_container(OmegaConf.load(hydra_path).data, resolve=True)
+    if data is None:
+        if fallback is None:
+            raise SystemExit(f"{eval_dir}: neither run_info.json nor .hydra/config.yaml records the benchmark; "
+                             "name it with --synthetic (e.g. --synthetic level3)")
+        path = Path(fallback) if fallback.endswith((".yaml", ".yml")) else ROOT / "conf" / "synthetic" / f"{fallback}.yaml"
+        if not path.is_file():
+            raise SystemExit(f"--synthetic {fallback}: {path} does not exist")
+        data = {"source": "synthetic", "synthetic": OmegaConf.to_container(OmegaConf.load(path), resolve=True)}
+    if data.get("source") != "synthetic":
+        raise SystemExit(f"{eval_dir}: data.source={data.get('source')!r}; --by-slot-order needs the synthetic benchmark")
+    return dict(data["synthetic"])
+
+
+def slot_order(synthetic: dict, keys: np.ndarray) -> np.ndarray:
+    """Per sample: 1.0 when its subjects stand left to right in reference order, 0.0 when not, NaN for one subject."""
+    from cag.data.sources import synthetic_config
+    from cag.data.synthetic import generate_sample, position_x
+
+    cfg = synthetic_config(synthetic)
+    out = []
+    for key in keys:
+        split, index = str(key).rsplit("-", 1)
+        xs = [position_x(p.position) for p in generate_sample(split, int(index), cfg).truth.subjects]
+        out.append(float("nan") if len(xs) < 2 else float(xs == sorted(xs)))
+    return np.asarray(out, dtype=float)
+
+
+def split_by(values: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[mask] for k, v in values.items()}
 
 
 def paired_table(a: dict[str, np.ndarray], b: dict[str, np.ndarray], label: str) -> str:
@@ -107,12 +152,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--labels", default=None, help="comma-separated row names (default: the folder names)")
     ap.add_argument("--paired", action="store_true",
                     help="with two folders: also print their paired difference (first − second) on the shared samples")
+    ap.add_argument("--by-slot-order", action="store_true",
+                    help="also split each run by whether the references stand left to right in their order")
+    ap.add_argument("--synthetic", default=None, metavar="LEVEL_OR_YAML",
+                    help="with --by-slot-order: the benchmark of folders that do not record it (e.g. level3)")
     args = ap.parse_args(argv)
     labels = args.labels.split(",") if args.labels else [d.name if d.name != "eval" else d.parent.name for d in args.eval_dirs]
     if len(labels) != len(args.eval_dirs):
         raise SystemExit(f"--labels names {len(labels)} runs, {len(args.eval_dirs)} folders were given")
     parts = {lab: read_parts(d) for lab, d in zip(labels, args.eval_dirs, strict=True)}
     print(breakdown_table(parts))
+    if args.by_slot_order:
+        rows = {}
+        for (lab, values), d in zip(parts.items(), args.eval_dirs, strict=True):
+            order = slot_order(evaluation_synthetic(d, args.synthetic), values["keys"])
+            rows[f"{lab}: references left to right"] = split_by(values, order == 1.0)
+            rows[f"{lab}: references in another order"] = split_by(values, order == 0.0)
+        print()
+        print(breakdown_table({k: v for k, v in rows.items() if len(v["keys"])}))
     if args.paired:
         if len(parts) != 2:
             raise SystemExit("--paired compares exactly two evaluation folders")

@@ -166,6 +166,7 @@ def test_an_evaluation_on_another_level_keeps_the_runs_study_metrics_and_logs_un
     level3 = json.loads((work / "eval_level3" / "run_info.json").read_text())
     level4 = json.loads((work / "eval_level4" / "run_info.json").read_text())
     assert (level3["metric_prefix"], level4["metric_prefix"]) == ("eval", "eval_num_characters_3")
+    assert (level3["data"]["synthetic"]["num_characters"], level4["data"]["synthetic"]["num_characters"]) == (2, 3)
     train_run = mlflow.tracking.MlflowClient(f"sqlite:///{work / 'mlruns.db'}").get_run(train_run_id).data
     assert train_run.tags["eval/run_id"] == level3["eval_run_id"], "the study's evaluation is still the level-3 one"
     assert train_run.metrics["eval/proxy_Overall"] == level3["headline"]["proxy_Overall"]

@@ -38,3 +38,55 @@ def test_binding_columns_and_the_paired_difference_on_shared_samples(tmp_path):
     assert "+0.75 [" in row  # bound: three more samples of four
     with pytest.raises(ValueError, match="no test sample key"):
         paired_table(a, {**b, "keys": b["keys"].astype(str) + "x"}, "none")
+
+
+def _slot_binder(folder: Path, n: int, record: bool) -> list[bool]:
+    """A run that binds by reference slot: bound when the references stand left to right, else swapped."""
+    from cag.data.synthetic import SyntheticConfig, generate_sample, position_x
+
+    in_order = []
+    for i in range(n):
+        xs = [position_x(p.position) for p in generate_sample("test", i, SyntheticConfig()).truth.subjects]
+        in_order.append(xs == sorted(xs))
+    _results_for(folder, ["bound" if o else "swapped" for o in in_order])
+    if record:
+        data = {"source": "synthetic", "split": "test", "synthetic": {"image_size": 128, "num_characters": 2, "seed": 0,
+                                                                        "place": "text", "shot": "text",
+                                                                        "describe_colours": True}}
+        (folder / "run_info.json").write_text(json.dumps({"data": data}))
+    return in_order
+
+
+def _results_for(folder: Path, outcomes: list[str]) -> None:
+    folder.mkdir(parents=True)
+    lines = [json.dumps({"key": f"test-{i:06d}", "scores": {"proxy_pf": 5.0, "proxy_sc": 4.0, "proxy_overall": 4.5},
+                         "details": {"proxy": {"parts": {"pf_subjects": 0.2, "pf_props": 0.9, "sc_subjects": 0.1,
+                                                         "sc_scene": 0.8}, "binding": {"A": o, "B": o}}}})
+             for i, o in enumerate(outcomes)]
+    (folder / "results.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_by_slot_order_shows_a_run_that_binds_by_slot_instead_of_reading_the_text(tmp_path, capsys):
+    from experiments.proxy_breakdown import main
+
+    in_order = _slot_binder(tmp_path / "slot", 12, record=True)
+    assert 0 < sum(in_order) < 12, "today's benchmark draws both orders"
+    main([str(tmp_path / "slot"), "--by-slot-order"])
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in capsys.readouterr().out.splitlines() if "slot:" in line}
+    ordered, other = rows["slot: references left to right"], rows["slot: references in another order"]
+    assert f"| {sum(in_order)} |" in ordered and f"| {12 - sum(in_order)} |" in other
+    # bound | swapped | missing: all bound in order, all swapped otherwise
+    assert ordered.rstrip(" |").endswith("1.00 [1.00, 1.00] | 0.00 [0.00, 0.00] | 0.00 [0.00, 0.00]")
+    assert other.rstrip(" |").endswith("0.00 [0.00, 0.00] | 1.00 [1.00, 1.00] | 0.00 [0.00, 0.00]")
+
+
+def test_by_slot_order_needs_the_benchmark_recorded_or_named(tmp_path, capsys):
+    from experiments.proxy_breakdown import main
+
+    _slot_binder(tmp_path / "bare", 4, record=False)
+    with pytest.raises(SystemExit, match="bare.*--synthetic"):
+        main([str(tmp_path / "bare"), "--by-slot-order"])
+    main([str(tmp_path / "bare"), "--by-slot-order", "--synthetic", "level3"])
+    assert "bare: references left to right" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="level9"):
+        main([str(tmp_path / "bare"), "--by-slot-order", "--synthetic", "level9"])

@@ -146,6 +146,11 @@ _SHOT_WORDS: dict[str, tuple[str, ...]] = {
     "long": ("Long shot.", "Wide long shot.", "Eye-level long shot."),
 }
 _POSITION_X = {"left": 0.22, "centre": 0.5, "right": 0.78}
+
+
+def position_x(position: str) -> float:
+    """Horizontal centre (0-1) of a subject standing at ``position`` (left / centre / right)."""
+    return _POSITION_X[position]
 _POSITION_WORDS = {
     "left": ("on the left", "on the left side"),
     "centre": ("in the centre", "in the middle"),

@@ -128,8 +128,9 @@ def ensure_generations(
         "seed": int(seed),
         "attention": attention,
         "ref_positions": ref_positions,
-        # data.urls (shards) joined the config later; left out while unset so earlier image folders stay valid
-        "data": {k: v for k, v in data_cfg.items() if k != "num_samples" and not (k == "urls" and v is None)},
+        # data.urls (shards) and synthetic.ground_places joined the config later; left out while unset / off
+        # so earlier image folders stay valid
+        "data": _fingerprint_data(data_cfg),
         "model": None if target.checkpoint is not None else model_cfg,
     }
     directory = Path(root) / generation_fingerprint(target, fp_settings)
@@ -191,6 +192,14 @@ def ensure_generations(
         reused=len(samples) - len(missing),
         model_info=info,
     )
+
+
+def _fingerprint_data(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    data = {k: v for k, v in data_cfg.items() if k != "num_samples" and not (k == "urls" and v is None)}
+    syn = data.get("synthetic")
+    if isinstance(syn, Mapping) and not syn.get("ground_places", False):
+        data["synthetic"] = {k: v for k, v in syn.items() if k != "ground_places"}
+    return data
 
 
 def jsonable(obj: Any) -> Any:

@@ -30,6 +30,7 @@ BENCHMARK_KEYS = (
     "data/synthetic/place",
     "data/synthetic/shot",
     "data/synthetic/describe_colours",
+    "data/synthetic/ground_places",
     "data/synthetic/image_size",
     "data/synthetic/seed",
 )

@@ -36,7 +36,8 @@ def _synthetic(cfg: DictConfig) -> tuple[Iterator[Sample], int, list[dict[str, s
     if OmegaConf.is_list(num_characters):
         num_characters = list(num_characters)
     syn = SyntheticConfig(image_size=cfg.image_size, num_characters=num_characters, seed=cfg.seed,
-                          place=cfg.place, shot=cfg.shot, describe_colours=cfg.describe_colours)
+                          place=cfg.place, shot=cfg.shot, describe_colours=cfg.describe_colours,
+                          ground_places=bool(cfg.get("ground_places", False)))
     try:
         syn.check()
     except ValueError as exc:
@@ -126,7 +127,8 @@ def run(cfg: DictConfig) -> WriteSummary:
         report["synthetic"] = {"image_size": cfg.image_size, "seed": cfg.seed,
                                "num_characters": OmegaConf.to_container(cfg.num_characters)
                                if OmegaConf.is_list(cfg.num_characters) else cfg.num_characters,
-                               "place": cfg.place, "shot": cfg.shot, "describe_colours": cfg.describe_colours}
+                               "place": cfg.place, "shot": cfg.shot, "describe_colours": cfg.describe_colours,
+                               "ground_places": bool(cfg.get("ground_places", False))}
     else:
         report["manifest"] = to_absolute_path(str(cfg.manifest))
     if cfg.get("cache"):

@@ -311,6 +311,37 @@ def test_ordered_places_put_the_references_left_to_right_and_change_nothing_else
         _level(3, place="sorted").check()
 
 
+@pytest.mark.parametrize("colours", [True, False])
+def test_ground_places_adds_each_subjects_place_words_to_its_reference_and_changes_nothing_else(colours):
+    """ground_places: the words that say where a subject stands point at its reference (eq. 9 then ties them to
+    its appearance); the instruction, the images and the other groundings are those of ground_places=false."""
+    words = {"left": ("on the left side", "on the left"), "centre": ("in the centre", "in the middle"),
+             "right": ("on the right side", "on the right")}
+    for i in range(30):
+        told = generate_sample("test", i, _level(3, describe_colours=colours))
+        s = generate_sample("test", i, _level(3, describe_colours=colours, ground_places=True))
+        assert s.instruction == told.instruction and s.target.tobytes() == told.target.tobytes()
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(s.references, told.references, strict=True))
+        assert s.groundings[: len(told.groundings)] == told.groundings
+        added = s.groundings[len(told.groundings):]
+        assert len(added) == len(s.truth.subjects) == 2
+        for g, subj in zip(added, s.truth.subjects, strict=True):
+            name = next(t for t in told.groundings if t.phrase == subj.phrase)
+            assert (g.image_id, g.bbox_2d) == (subj.image_id, name.bbox_2d)  # the subject's whole figure
+            said = [w for w in words[subj.position] if w.lower() in s.instruction.lower()]
+            assert g.phrase in s.instruction and g.phrase.lower() == said[0], (i, g.phrase, said)
+
+
+def test_ground_places_off_keeps_earlier_generated_image_folders():
+    from evaluation.generation import _fingerprint_data
+
+    syn = {"image_size": 128, "num_characters": 2, "seed": 0, "place": "text", "shot": "text",
+           "describe_colours": True}
+    before = {"source": "synthetic", "split": "test", "synthetic": syn}
+    assert _fingerprint_data({**before, "synthetic": {**syn, "ground_places": False}}) == before
+    assert _fingerprint_data({**before, "synthetic": {**syn, "ground_places": True}}) != before
+
+
 @pytest.mark.parametrize("level", [0, 3])
 def test_without_colour_words_the_instruction_names_each_subject_and_its_place_only(level):
     for i in range(20):

@@ -181,6 +181,10 @@ class SyntheticConfig:
     place: str = "text"
     shot: str = "text"             # text | close-up | medium | long
     describe_colours: bool = True  # False: the instruction names each subject and its place, not what it wears
+    # True: each subject's place words ("on the right side") are grounded to its reference as well as its name
+    # and clothes, so eq. 9's mask ties the words that say where to the reference that says what; the
+    # instruction, the images and the test targets are the same as with False (only the groundings differ)
+    ground_places: bool = False
 
     def character_range(self) -> tuple[int, int]:
         n = self.num_characters
@@ -222,6 +226,8 @@ class SyntheticConfig:
             raise ValueError(f"SyntheticConfig.shot={self.shot!r} is too tall for {hi} characters side by side")
         if not isinstance(self.describe_colours, bool):
             raise ValueError(f"SyntheticConfig.describe_colours={self.describe_colours!r} must be true or false")
+        if not isinstance(self.ground_places, bool):
+            raise ValueError(f"SyntheticConfig.ground_places={self.ground_places!r} must be true or false")
 
 
 @dataclass(frozen=True)
@@ -746,7 +752,15 @@ _HAIR_VERB = {"short hair": "neatly cut", "long hair": "falling past the shoulde
               "twin-tails": "bouncing on both sides", "spiky hair": "sticking up"}
 
 
-def _character_sentence(rng: random.Random, ch: Character, ref: str, position: str, colours: bool = True) -> str:
+def _character_sentence(rng: random.Random, ch: Character, ref: str, position: str,
+                        colours: bool = True) -> tuple[str, str]:
+    """The subject's sentence, and the words in it that say where it stands (as they appear there)."""
+    sentence = _sentence_of(rng, ch, ref, position, colours)
+    said = [w for p in _POSITION_WORDS[position] for w in (_cap(p), p) if w in sentence]
+    return sentence, max(said, key=len)  # "on the left side", not the "on the left" inside it
+
+
+def _sentence_of(rng: random.Random, ch: Character, ref: str, position: str, colours: bool) -> str:
     subj, poss, _ = ch.pronouns
     pos = rng.choice(_POSITION_WORDS[position])
     if not colours:  # the subject and its place only: what it wears can come from its reference alone
@@ -849,7 +863,11 @@ def generate_sample(split: str, index: int, cfg: SyntheticConfig) -> Sample:
     # instruction
     sentences = [rng.choice(_SHOT_WORDS[layout.shot])]
     for k, pl in enumerate(layout.placements):
-        sentences.append(_character_sentence(rng, pl.character, ref_phrases[k], pl.position, cfg.describe_colours))
+        sentence, place_words = _character_sentence(rng, pl.character, ref_phrases[k], pl.position,
+                                                    cfg.describe_colours)
+        sentences.append(sentence)
+        if cfg.ground_places:  # the words that say where it stands point at the subject's reference too
+            groundings.append(Grounding(place_words, k + 1, tuple(ref_boxes[k])))  # type: ignore[arg-type]
     if rng.random() < 0.4:  # a second mention, often possessive, as in the paper's instructions
         a = rng.randrange(n)
         ca = cast[a]

@@ -38,13 +38,14 @@ COMPARISONS = (
 
 
 def peaks(runs: Sequence[TrainedRun], metrics: Sequence[str], n_boot: int) -> dict[str, dict[str, object]]:
-    """Per metric: the rate with the highest mean, how often each rate wins across replicates, the paper's peak."""
+    """Per headline metric (PF / SC / Overall, the judge's or the proxies'): the rate with the highest mean, how often
+    each rate wins across replicates, the paper's peak."""
     groups = tables.by_config(runs)
     types: dict[str, str] = {}
     for r in runs:
         types.update(r.task_types)
     out: dict[str, dict[str, object]] = {}
-    for m in metrics:
+    for m in (m for m in metrics if m.removeprefix("proxy_") in PAPER_PEAK):  # the paper gives no peak for parts
         freq = stats.argmax_frequency({label: tables.per_seed_scores(rs, m) for label, rs in groups.items()}, types,
                                       n_boot=n_boot)
         best = max(freq, key=lambda k: freq[k]) if freq else None

@@ -58,7 +58,7 @@ def _png(path: Path, value: int) -> str:
 
 
 def _eval_run(client, ev: str, train_id: str, prefix: str, scores: dict[str, dict[str, float | None]],
-              folder: Path, log_artifact: bool = True) -> str:
+              folder: Path, log_artifact: bool = True, details: dict | None = None) -> str:
     """An evaluation run as evaluation/runner.py leaves it: results.jsonl artifact, tag on the training run."""
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -67,6 +67,7 @@ def _eval_run(client, ev: str, train_id: str, prefix: str, scores: dict[str, dic
             "key": key, "task_type": "multi" if i % 2 else "single", "instruction": f"instruction {key}",
             "scores": s, "generated": _png(folder / f"{key}.png", int(100 * (s.get("proxy_overall") or 0))),
             "references": [_png(folder / "refs" / f"{key}-ref1.png", 200)],
+            **({"details": details} if details is not None else {}),
         }))
     (folder / "results.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     run = client.create_run(ev, tags={"output_dir": str(folder)})
@@ -204,7 +205,11 @@ def test_fig10_plot_table_and_peak_from_mlflow(tmp_path, shared_store):
             rid = _train_run(client, exp, sweep_dir / c.label / f"seed{seed}", c, seed)
             scores = {k: {"proxy_pf": noise[seed, i] + bump[c.vae_dropout], "proxy_sc": noise[seed, i],
                           "proxy_overall": noise[seed, i] + bump[c.vae_dropout] / 2} for i, k in enumerate(KEYS)}
-            _eval_run(client, ev, rid, "eval", scores, tmp_path / "eval" / c.label / f"seed{seed}")
+            # as today's evaluations write them: proxy parts and binding beside the headline (the build crashed on
+            # these: the paper states a peak for PF / SC / Overall only)
+            details = {"proxy": {"parts": {"pf_subjects": 0.3, "pf_props": 0.9, "sc_subjects": 0.2, "sc_scene": 0.9},
+                                 "binding": {"A": "bound", "B": "swapped"}}}
+            _eval_run(client, ev, rid, "eval", scores, tmp_path / "eval" / c.label / f"seed{seed}", details=details)
     runs = sweep.sweep_runs(uri, sweep_dir, fig10.CONFIGS, [0, 1])
     sweep.load_results(uri, runs, "eval")
     files = {f.name: f for f in fig10.build(runs, tmp_path / "out", _args(tmp_path, html_samples=2, tracking_uri=uri))}
@@ -215,6 +220,8 @@ def test_fig10_plot_table_and_peak_from_mlflow(tmp_path, shared_store):
     summary = json.loads(files["fig10_summary.json"].read_text(encoding="utf-8"))
     assert summary["peaks"]["proxy_PF"]["most_often_best"] == "vae_dropout=0.5"
     assert summary["peaks"]["proxy_PF"]["agrees"] is True
+    assert set(summary["peaks"]) == {"proxy_PF", "proxy_SC", "proxy_Overall"}
+    assert {"proxy_PF_subjects", "bound"} <= set(summary["metrics"])  # the parts and binding are still tabulated
     paired = {(r["comparison"], r["metric"]): r for r in _rows(files["fig10_paired.csv"])}
     assert paired[("vae_dropout=0.7 − vae_dropout=0.5", "proxy_PF")]["sign_agrees"] == "yes"
     assert paired[("vae_dropout=0.7 − vae_dropout=0.0", "proxy_PF")]["sign_agrees"] == sweep.MISSING

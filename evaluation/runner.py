@@ -42,7 +42,7 @@ from evaluation.report import (
 )
 from evaluation.scoring import score_samples, summary_rows
 from evaluation.target import EXTERNAL, UNTRAINED, EvalTarget, EvaluationError, checkpoint_name, find_target
-from evaluation.tracking import log_to_mlflow
+from evaluation.tracking import log_to_mlflow, scored_data
 
 # what evaluation/run.py, export.py and the experiments import from here
 __all__ = ["EvalOutcome", "EvaluationError", "evaluate", "external_image_size", "find_target", "format_report",
@@ -162,7 +162,7 @@ def evaluate(cfg: DictConfig | Mapping[str, Any]) -> EvalOutcome:
         "train_run_name": target.train_run_name,
         "n": len(samples),
         # the benchmark scored, so later analyses (experiments/proxy_breakdown.py) can rebuild its samples
-        "data": {k: v for k, v in (c.get("data") or {}).items() if k != "num_samples"},
+        "data": scored_data(c),
         "generations_dir": str(gen.directory),
         "generated_now": gen.generated,
         "reused": gen.reused,

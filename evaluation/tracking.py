@@ -55,6 +55,11 @@ def resolve_metric_prefix(configured: str, eval_data: Mapping[str, Any], train_p
     return f"{DEFAULT_PREFIX}_{re.sub(r'[^A-Za-z0-9_.-]+', '-', parts)}"
 
 
+def scored_data(c: Mapping[str, Any]) -> dict[str, Any]:
+    """The data block of an evaluation's config that says which test split it scored (``n`` says how many)."""
+    return {k: v for k, v in (c.get("data") or {}).items() if k != "num_samples"}
+
+
 def _eval_params(c: Mapping[str, Any], outcome: EvalOutcome) -> dict[str, Any]:
     judge_client = ((c.get("evaluation") or {}).get("judge") or {}).get("client") or {}
     base_url = judge_client.get("base_url")
@@ -63,7 +68,7 @@ def _eval_params(c: Mapping[str, Any], outcome: EvalOutcome) -> dict[str, Any]:
         "n": outcome.rows[0].coverage.get("pf", (0, len(outcome.generation.records)))[1],
         "seed": c.get("seed"),
         "sampler": c.get("sampler"),
-        "data": {k: v for k, v in (c.get("data") or {}).items() if k != "num_samples"},
+        "data": scored_data(c),
         "attention_override": c.get("attention"),
         "ref_positions_override": c.get("ref_positions"),
         "judge": {

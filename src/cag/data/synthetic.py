@@ -146,11 +146,6 @@ _SHOT_WORDS: dict[str, tuple[str, ...]] = {
     "long": ("Long shot.", "Wide long shot.", "Eye-level long shot."),
 }
 _POSITION_X = {"left": 0.22, "centre": 0.5, "right": 0.78}
-
-
-def position_x(position: str) -> float:
-    """Horizontal centre (0-1) of a subject standing at ``position`` (left / centre / right)."""
-    return _POSITION_X[position]
 _POSITION_WORDS = {
     "left": ("on the left", "on the left side"),
     "centre": ("in the centre", "in the middle"),
@@ -162,9 +157,12 @@ _MAX_HIDDEN = 0.15  # largest share of a prop's box that characters may cover in
 # Label-image values: character c (0-based) part p -> 10 * (c + 1) + p; prop j -> 100 + j.
 _BODY, _HAIR, _TOP, _BOTTOM, _ACC = 1, 2, 3, 4, 5
 _PROP_LABEL = 100
-
-
 PLACE_MODES = ("text", "centre", "ordered")
+
+
+def position_x(position: str) -> float:
+    """Horizontal centre (0-1) of a subject standing at ``position`` (left / centre / right)."""
+    return _POSITION_X[position]
 
 
 @dataclass
@@ -640,7 +638,7 @@ def _layout(rng: random.Random, cast: list[Character], cfg: SyntheticConfig) -> 
     order = list(positions)
     rng.shuffle(order)  # reference order and left-to-right order are independent
     if cfg.place == "ordered":  # after the shuffle, so the rest of the sample is the same as under "text"
-        order.sort(key=_POSITION_X.__getitem__)
+        order.sort(key=position_x)
     placements = []
     for ch, pos in zip(cast, order, strict=True):
         cx = _POSITION_X[pos]

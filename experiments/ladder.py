@@ -137,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     levels = [int(v) for v in args.levels.split(",")]
     if bad := [v for v in levels if v not in LEVELS]:
         parser.error(f"--levels {bad}: the ladder has levels {list(LEVELS)}")
-    configs = configs_for(levels, not args.no_colour_words, args.attention)
+    # --rows (shared with the other studies) picks among the levels' rows, e.g. --rows "level 3"
+    configs = pipeline.select_rows(configs_for(levels, not args.no_colour_words, args.attention), args.rows, parser)
     args.train_override = [*args.train_override, _curve_override(args.curve_every)]
 
     def build(runs: Sequence[TrainedRun], out: Path, a: argparse.Namespace) -> list[Path]:

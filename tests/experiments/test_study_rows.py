@@ -31,3 +31,17 @@ def test_an_unknown_row_stops_before_training_and_names_the_label(monkeypatch, t
     assert "--rows" in err and "ablation_mask" in err  # the labels that exist are listed
     if rows != ",":
         assert "masked" in err.split("not among")[0]
+
+
+def test_the_ladder_honours_rows_too_instead_of_ignoring_them(monkeypatch, tmp_path):
+    """The ladder shares the studies' arguments; a --rows it accepted and ignored would train every level."""
+    from experiments import ladder
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda args, *, configs, **_: seen.setdefault(
+        "labels", [c.label for c in configs]) and [])
+    ladder.main(["--levels", "0,3", "--rows", "level 3", "--out", str(tmp_path)])
+    assert seen["labels"] == ["level 3"]
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda *a, **k: pytest.fail("nothing may run"))
+    with pytest.raises(SystemExit):
+        ladder.main(["--levels", "0,3", "--rows", "level 2", "--out", str(tmp_path)])

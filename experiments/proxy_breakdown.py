@@ -1,6 +1,6 @@
 """Where a proxy score comes from: subjects against props and scene, per evaluation run.
 
-    python experiments/proxy_breakdown.py EVAL_DIR [EVAL_DIR ...] [--labels a,b] [--by-slot-order]
+    python experiments/proxy_breakdown.py EVAL_DIR[,EVAL_DIR ...] [...] [--labels a,b] [--paired] [--by-slot-order]
 
 Reads each run's ``results.jsonl`` (written by ``python evaluation/run.py``) and prints the
 headline proxies beside their parts (``evaluation.proxies.proxy_parts``): PF of the subjects,
@@ -14,6 +14,10 @@ Results written before the parts existed have no ``parts`` entry and are refused
 stand left to right in reference order (rebuilt from the synthetic generator with the evaluation's
 own config): a model that binds by reference slot instead of reading the text binds the first group
 and swaps the second.
+A comma-joined argument (``seed0/eval,seed1/eval,seed2/eval``) is one configuration trained with
+several seeds: its row and its paired difference use the two-way bootstrap over training seeds and
+test samples (``experiments.stats``), as the study tables do, so an interval covers a new seed as well
+as a new test split; two configurations pair their seeds in the order given.
 """
 
 from __future__ import annotations
@@ -65,6 +69,24 @@ def read_parts(eval_dir: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def read_config(eval_dirs: list[Path]) -> dict[str, np.ndarray]:
+    """One configuration's runs (one per training seed) as ``[seeds, samples]`` arrays on the samples all share.
+
+    The samples keep the first run's order; a sample some seed did not score is left out of every seed,
+    so the rows stay paired across seeds.
+    """
+    runs = [read_parts(d) for d in eval_dirs]
+    shared = set.intersection(*(set(r["keys"].tolist()) for r in runs))
+    keys = [k for k in runs[0]["keys"].tolist() if k in shared]
+    if not keys:
+        raise ValueError(f"{', '.join(map(str, eval_dirs))}: the seeds share no test sample key")
+    index = [{k: i for i, k in enumerate(r["keys"].tolist())} for r in runs]
+    out = {col: np.stack([r[col][[ix[k] for k in keys]] for r, ix in zip(runs, index, strict=True)])
+           for col in (*HEADLINE, *PARTS, *BINDING)}
+    out["keys"] = np.asarray(keys)
+    return out
+
+
 def evaluation_synthetic(eval_dir: Path, fallback: str | None) -> dict:
     """The synthetic benchmark an evaluation scored: run_info.json's data block, else its Hydra config, else
     ``fallback`` (a conf/synthetic option name or a YAML file), for folders that record neither."""
@@ -102,32 +124,46 @@ def slot_order(synthetic: dict, keys: np.ndarray) -> np.ndarray:
 
 
 def split_by(values: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
-    return {k: v[mask] for k, v in values.items()}
+    return {k: v[..., mask] for k, v in values.items()}
 
 
 def paired_table(a: dict[str, np.ndarray], b: dict[str, np.ndarray], label: str) -> str:
     """A − B on the test samples both runs scored (same keys), per column, with its bootstrap interval.
 
     Pairing is what makes two runs on the same test split comparable to a few hundredths: the same
-    sample (and, in this platform, the same sampling noise) on both sides cancels out.
+    sample (and, in this platform, the same sampling noise) on both sides cancels out. With several
+    seeds per side (``read_config``), seed i of A is paired with seed i of B and the interval is the
+    two-way bootstrap over seeds and samples.
     """
     common = [k for k in a["keys"] if k in set(b["keys"])]
     if not common:
         raise ValueError("the two runs share no test sample key: nothing to pair")
+    n_a, n_b = _seeds(a), _seeds(b)
+    if n_a != n_b:
+        raise ValueError(f"{label}: {n_a} seeds against {n_b}: a paired difference needs the same seeds on both sides")
     ia = {k: i for i, k in enumerate(a["keys"])}
     ib = {k: i for i, k in enumerate(b["keys"])}
     cells = []
     for col in (*HEADLINE, *PARTS, *BINDING):
-        d = np.asarray([a[col][ia[k]] - b[col][ib[k]] for k in common], dtype=float)
-        d = d[np.isfinite(d)]
-        if not len(d):
+        va, vb = np.atleast_2d(a[col]), np.atleast_2d(b[col])
+        d = va[:, [ia[k] for k in common]] - vb[:, [ib[k] for k in common]]
+        d = d[:, np.isfinite(d).any(axis=0)]  # samples no seed can pair (one subject: no binding) are left out
+        if not d.size:
             cells.append("—")
             continue
-        est = bootstrap(d[None, :], difference=True)
+        est = bootstrap(d, difference=True)
         cells.append(f"{est.mean:+.2f} [{est.lo:+.2f}, {est.hi:+.2f}]")
     cols = (*HEADLINE, *PARTS, *BINDING)
     return "\n".join(["| paired difference | n | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2),
-                      f"| {label} | {len(common)} | " + " | ".join(cells) + " |"])
+                      f"| {label} | {_count(n_a, len(common))} | " + " | ".join(cells) + " |"])
+
+
+def _seeds(values: dict[str, np.ndarray]) -> int:
+    return int(np.atleast_2d(values["proxy_overall"]).shape[0])
+
+
+def _count(seeds: int, samples: int) -> str:
+    return str(samples) if seeds == 1 else f"{seeds} seeds × {samples}"
 
 
 def breakdown_table(runs: dict[str, dict[str, np.ndarray]]) -> str:
@@ -140,15 +176,16 @@ def breakdown_table(runs: dict[str, dict[str, np.ndarray]]) -> str:
             if np.isnan(values[k]).all():
                 cells.append("—")
                 continue
-            est = bootstrap(values[k][None, :])
+            est = bootstrap(np.atleast_2d(values[k]))
             cells.append(f"{est.mean:.2f} [{est.lo:.2f}, {est.hi:.2f}]")
-        lines.append(f"| {label} | {len(values['proxy_overall'])} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | {_count(_seeds(values), len(values['keys']))} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("eval_dirs", nargs="+", type=Path)
+    ap.add_argument("eval_dirs", nargs="+", metavar="EVAL_DIR[,EVAL_DIR...]",
+                    help="an evaluation folder, or several joined by commas: one configuration's training seeds")
     ap.add_argument("--labels", default=None, help="comma-separated row names (default: the folder names)")
     ap.add_argument("--paired", action="store_true",
                     help="with two folders: also print their paired difference (first − second) on the shared samples")
@@ -157,25 +194,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--synthetic", default=None, metavar="LEVEL_OR_YAML",
                     help="with --by-slot-order: the benchmark of folders that do not record it (e.g. level3)")
     args = ap.parse_args(argv)
-    labels = args.labels.split(",") if args.labels else [d.name if d.name != "eval" else d.parent.name for d in args.eval_dirs]
-    if len(labels) != len(args.eval_dirs):
-        raise SystemExit(f"--labels names {len(labels)} runs, {len(args.eval_dirs)} folders were given")
-    parts = {lab: read_parts(d) for lab, d in zip(labels, args.eval_dirs, strict=True)}
+    configs = [[Path(p) for p in arg.split(",") if p] for arg in args.eval_dirs]
+    labels = args.labels.split(",") if args.labels else [_default_label(dirs) for dirs in configs]
+    if len(labels) != len(configs):
+        raise SystemExit(f"--labels names {len(labels)} runs, {len(configs)} configurations were given")
+    parts = {lab: read_config(dirs) for lab, dirs in zip(labels, configs, strict=True)}
     print(breakdown_table(parts))
     if args.by_slot_order:
         rows = {}
-        for (lab, values), d in zip(parts.items(), args.eval_dirs, strict=True):
-            order = slot_order(evaluation_synthetic(d, args.synthetic), values["keys"])
+        for (lab, values), dirs in zip(parts.items(), configs, strict=True):
+            order = slot_order(evaluation_synthetic(dirs[0], args.synthetic), values["keys"])
             rows[f"{lab}: references left to right"] = split_by(values, order == 1.0)
             rows[f"{lab}: references in another order"] = split_by(values, order == 0.0)
         print()
         print(breakdown_table({k: v for k, v in rows.items() if len(v["keys"])}))
     if args.paired:
         if len(parts) != 2:
-            raise SystemExit("--paired compares exactly two evaluation folders")
+            raise SystemExit("--paired compares exactly two configurations (evaluation folders, or comma-joined seeds)")
         (la, a), (lb, b) = parts.items()
         print()
         print(paired_table(a, b, f"{la} − {lb}"))
+
+
+def _default_label(dirs: list[Path]) -> str:
+    name = dirs[0].name if dirs[0].name != "eval" else dirs[0].parent.name
+    return name if len(dirs) == 1 else f"{name} (+{len(dirs) - 1} seeds)"
 
 
 if __name__ == "__main__":

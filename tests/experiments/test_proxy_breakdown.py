@@ -90,3 +90,40 @@ def test_by_slot_order_needs_the_benchmark_recorded_or_named(tmp_path, capsys):
     assert "bare: references left to right" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="level9"):
         main([str(tmp_path / "bare"), "--by-slot-order", "--synthetic", "level9"])
+
+
+def test_comma_joined_seeds_are_one_configuration_whose_interval_covers_the_seeds(tmp_path, capsys):
+    """Two seeds that disagree completely (one binds every subject, one swaps every subject) give a bound
+    rate of 0.5 whose interval spans both seeds, as a new training seed could land on either; pooling the
+    eight samples as if one run would give a narrow interval around 0.5."""
+    from experiments.proxy_breakdown import main
+
+    every = {f"test-{i:06d}" for i in range(4)}
+    a0 = _results(tmp_path / "a0", every, 0.3)
+    a1 = _results(tmp_path / "a1", set(), 0.3)
+    b0 = _results(tmp_path / "b0", set(), 0.0)
+    b1 = _results(tmp_path / "b1", set(), 0.0)
+    main([f"{a0},{a1}", f"{b0},{b1}", "--labels", "A,B", "--paired"])
+    out = capsys.readouterr().out.splitlines()
+    row_a = next(line for line in out if line.startswith("| A |"))
+    assert "| 2 seeds × 4 |" in row_a
+    bound = row_a.split(" | ")[-3]  # bound | swapped | missing
+    assert bound == "0.50 [0.00, 1.00]"
+    paired = next(line for line in out if line.startswith("| A − B |"))
+    assert "| 2 seeds × 4 |" in paired
+    assert paired.split(" | ")[-3] == "+0.50 [+0.00, +1.00]"  # bound: seed 0 of A against seed 0 of B, 1 with 1
+    assert "+3.00 [+3.00, +3.00]" in paired  # subjects PF: the same on both seeds
+    with pytest.raises(ValueError, match="2 seeds against 1"):
+        main([f"{a0},{a1}", str(b0), "--labels", "A,B", "--paired"])
+
+
+def test_a_configuration_keeps_only_the_samples_every_seed_scored(tmp_path):
+    from experiments.proxy_breakdown import read_config
+
+    a0 = _results(tmp_path / "a0", {"test-000000"}, 0.0)
+    a1 = _results(tmp_path / "a1", {"test-000000"}, 0.0)
+    lines = (a1 / "results.jsonl").read_text().splitlines()
+    (a1 / "results.jsonl").write_text("\n".join(lines[1:]) + "\n")  # seed 1 lacks sample 0
+    values = read_config([a0, a1])
+    assert values["keys"].tolist() == ["test-000001", "test-000002", "test-000003"]
+    assert values["bound"].shape == (2, 3) and not values["bound"].any()  # the only bound sample left out

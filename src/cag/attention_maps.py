@@ -35,6 +35,7 @@ from cag.data.sample import BOX_SCALE, Sample
 from cag.generate import load_model_for_inference, samples_from_config
 from cag.models.attention import ATTENTION_MODES, CAGAttnProcessor, PhraseRowMask
 from cag.models.cag_model import CAGModel, Conditioning
+from cag.models.layout import box_to_token_indices
 from cag.sampling import SamplerConfig, sample_batch
 
 MODE_TITLES = {"full": "Full Attn.", "masked": "Mask Attn."}
@@ -92,41 +93,33 @@ class PhraseAttention:
 class _LayerRecorder(CAGAttnProcessor):
     """Processor of one recorded layer: report to the recorder, then attend exactly as the stock processor."""
 
-    def __init__(self, recorder: PhraseAttentionRecorder, layer: int) -> None:
+    def __init__(self, recorder: _Recorder, layer: int) -> None:
         super().__init__()
         self.recorder, self.layer = recorder, layer
 
     def attend(self, query, key, value, padding_mask, cag_mask):  # type: ignore[override]
-        self.recorder.observe(query, key, padding_mask, cag_mask)
+        self.recorder.observe(query, key, padding_mask, cag_mask, layer=self.layer)
         return super().attend(query, key, value, padding_mask, cag_mask)
 
 
-class PhraseAttentionRecorder:
-    """Install on a model, pass :meth:`on_predict` to :func:`cag.sampling.sample_batch`, read :meth:`result`.
+class _Recorder:
+    """Chosen layers of a model, and swapping recording processors into them for a ``with`` block."""
 
-    Only the conditional DiT passes are recorded (the unconditional pass has no phrase).
-    Batches of one sample only: one phrase, one set of reference grids.
-    """
-
-    def __init__(self, model: CAGModel, phrase: str, layers: Sequence[int] | None = None) -> None:
+    def __init__(self, model: CAGModel, layers: Sequence[int] | None = None) -> None:
         blocks = len(model.transformer.transformer_blocks)
         chosen = list(range(blocks)) if layers is None else [int(i) for i in layers]
         bad = [i for i in chosen if not -blocks <= i < blocks]
         if bad or not chosen:
             raise ValueError(f"layers={list(layers or [])}: the model has transformer blocks 0..{blocks - 1}")
-        self.model, self.phrase = model, phrase
+        self.model = model
         self.layers = sorted({i % blocks for i in chosen})
-        self._active = False
-        self._rows: list[int] = []
-        self._segments: list[tuple[int, int]] = []
-        self._grids: list[tuple[int, int]] = []
-        self._sums: list[torch.Tensor] = []
-        self._token_mass: torch.Tensor | None = None
-        self.observations = 0
-        self.attention_mode: str | None = None
+
+    def observe(self, query: torch.Tensor, key: torch.Tensor, padding_mask: torch.Tensor | None,
+                cag_mask: PhraseRowMask | None, layer: int) -> None:
+        raise NotImplementedError
 
     @contextmanager
-    def installed(self) -> Iterator[PhraseAttentionRecorder]:
+    def installed(self) -> Iterator[Any]:
         """Swap recording processors into the chosen layers; the previous processors come back afterwards."""
         transformer = self.model.transformer
         previous = dict(transformer.attn_processors)
@@ -139,6 +132,26 @@ class PhraseAttentionRecorder:
             yield self
         finally:
             transformer.set_attn_processor(previous)
+
+
+class PhraseAttentionRecorder(_Recorder):
+    """Install on a model, pass :meth:`on_predict` to :func:`cag.sampling.sample_batch`, read :meth:`result`.
+
+    Only the conditional DiT passes are recorded (the unconditional pass has no phrase).
+    Batches of one sample only: one phrase, one set of reference grids.
+    """
+
+    def __init__(self, model: CAGModel, phrase: str, layers: Sequence[int] | None = None) -> None:
+        super().__init__(model, layers)
+        self.phrase = phrase
+        self._active = False
+        self._rows: list[int] = []
+        self._segments: list[tuple[int, int]] = []
+        self._grids: list[tuple[int, int]] = []
+        self._sums: list[torch.Tensor] = []
+        self._token_mass: torch.Tensor | None = None
+        self.observations = 0
+        self.attention_mode: str | None = None
 
     def on_predict(self, cond: Conditioning, conditional: bool) -> None:
         """Called before each DiT pass; locates the phrase rows and reference segments of the conditional pass."""
@@ -162,7 +175,7 @@ class PhraseAttentionRecorder:
         self.attention_mode = self.model.attention
 
     def observe(self, query: torch.Tensor, key: torch.Tensor, padding_mask: torch.Tensor | None,
-                cag_mask: PhraseRowMask | None) -> None:
+                cag_mask: PhraseRowMask | None, layer: int = 0) -> None:
         """Add one layer's head-averaged probabilities (conditional passes only)."""
         if not self._active:
             return
@@ -183,6 +196,119 @@ class PhraseAttentionRecorder:
         maps = [(acc / n).mean(dim=0).reshape(h, w) for acc, (h, w) in zip(self._sums, self._grids, strict=True)]
         return PhraseAttention(self.phrase, self.attention_mode or self.model.attention, maps, self._token_mass / n, n,
                                list(self.layers))
+
+
+FIGURE_TARGETS = ("reference", "name", "place")  # what a figure's tokens may look at, per subject
+
+
+class FigureAttentionRecorder(_Recorder):
+    """Where each subject's figure tokens look: mass on every subject's reference, name and place words.
+
+    Binding at the level of attention: a model that paints each figure from its own reference has
+    figure tokens that weigh their own subject's reference (or the words that carry it) above the
+    other subjects'. ``rows[i]`` are subject i's target tokens (joint indices), ``columns[kind][j]``
+    subject j's keys of that kind; :meth:`observe` adds, per layer, ``[subject i, kind, subject j]``
+    = mean over heads and figure tokens of the probability on those keys. Target tokens are never
+    phrase rows, so their probabilities are the same under full and masked attention's rule
+    (padding only): the recorder sees what the layer computes.
+    """
+
+    def __init__(self, model: CAGModel, layers: Sequence[int] | None = None) -> None:
+        super().__init__(model, layers)
+        self.rows: list[list[int]] = []
+        self.columns: dict[str, list[list[int]]] = {}
+        self.sums: dict[int, torch.Tensor] = {}
+        self.counts: dict[int, int] = {}
+
+    def observe(self, query: torch.Tensor, key: torch.Tensor, padding_mask: torch.Tensor | None,
+                cag_mask: PhraseRowMask | None, layer: int = 0) -> None:
+        if not self.rows:
+            return
+        n = len(self.rows)
+        out = torch.full((n, len(FIGURE_TARGETS), n), float("nan"))
+        for i, rows in enumerate(self.rows):
+            probs = phrase_probabilities(query, key, rows, padding_mask, None).mean(dim=(0, 1)).cpu()  # [L]
+            for k, kind in enumerate(FIGURE_TARGETS):
+                for j, cols in enumerate(self.columns[kind]):
+                    if cols:
+                        out[i, k, j] = probs[cols].sum()
+        self.sums[layer] = self.sums.get(layer, torch.zeros_like(out)) + out
+        self.counts[layer] = self.counts.get(layer, 0) + 1
+
+    def result(self) -> torch.Tensor:
+        """``[layers, subject i, kind, subject j]``: mean over the recorded passes."""
+        if not self.counts:
+            raise RuntimeError("nothing recorded: call the model inside installed() after setting rows and columns")
+        return torch.stack([self.sums[layer] / self.counts[layer] for layer in self.layers])
+
+
+def figure_keys(cond: Conditioning, subjects: Sequence[Any], places: Sequence[str]) -> tuple[list[list[int]], dict[str, list[list[int]]]]:
+    """Joint-sequence indices of each subject's figure tokens (query rows) and of its keys per FIGURE_TARGETS kind.
+
+    Rows: the target tokens inside the subject's target box. Keys: its figure box in its own reference
+    (segment ``image_id`` of the image stream, after the target), every occurrence of its name phrase
+    and of ``places[i]`` (the text stream comes first, so a text position is its joint index).
+    """
+    layout, positions = cond.layout, cond.prompts.phrase_positions[0]
+    t, segments = layout.text_len, layout.image_segments
+    if not layout.refs_present:
+        raise ValueError("figure attention to the references needs their latents (use_ref_latents)")
+
+    def ref_keys(s: Any) -> list[int]:
+        k = s.image_id  # 1-based: segment 0 is the target
+        if not 1 <= k < len(segments):
+            raise ValueError(f"subject {s.name!r}: image_id={s.image_id} but the sample has {len(segments) - 1} references")
+        return [t + segments[k][0] + i for i in box_to_token_indices(s.reference_bbox_2d, *layout.ref_grids[k - 1])]
+
+    rows = [[t + i for i in box_to_token_indices(s.target_bbox_2d, *layout.target_grid)] for s in subjects]
+    columns = {
+        "reference": [ref_keys(s) for s in subjects],
+        "name": [list(positions.get(s.phrase, [])) for s in subjects],
+        "place": [list(positions.get(p, [])) for p in places],
+    }
+    return rows, columns
+
+
+@torch.no_grad()
+def figure_attention(
+    model: CAGModel,
+    sample: Sample,
+    *,
+    sigmas: Sequence[float] = (0.3, 0.6, 0.9),
+    seed: int = 0,
+    image_size: int = 64,
+    vlm_image_size: int = 64,
+    layers: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """``[layers, subject i, kind, subject j]`` attention mass of subject i's figure tokens (FIGURE_TARGETS kinds).
+
+    The model denoises the true target noised to each of ``sigmas`` (one fixed noise per sample, as
+    a training step would see it; the conditioning is the training path's own), so the figure
+    tokens sit where the subjects stand. Keys: subject j's figure box in its reference, the tokens of
+    its name phrase ("Name (Fig.k)", every occurrence) and of the words that say where it stands.
+    Needs a synthetic sample (its truth has the boxes) with two or more subjects.
+    """
+    from cag.data.synthetic import place_phrase  # local: the generator is only needed for this probe
+
+    truth = sample.truth
+    if truth is None or len(truth.subjects) < 2:
+        raise ValueError(f"sample {sample.key!r}: figure attention needs the synthetic truth of two or more subjects")
+    subjects = truth.subjects
+    places = [place_phrase(sample.instruction, s.position) for s in subjects]
+    batch = collate([sample], image_size, vlm_image_size)
+    x0, grid = model.encode_images(batch["target_pixels"])
+    phrases = sorted({g.phrase for g in sample.groundings} | {s.phrase for s in subjects} | set(places))
+    prompts = model.prompt_encoder.encode(batch["instructions"], batch["vlm_references"], [phrases])
+    cond = model.assemble(prompts, [model.encode_latents(p) for p in batch["ref_pixels"]], batch["groundings"], grid)
+    recorder = FigureAttentionRecorder(model, layers)
+    recorder.rows, recorder.columns = figure_keys(cond, subjects, places)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=gen).to(x0)
+    with recorder.installed():
+        for sigma in sigmas:
+            s = torch.full((1,), float(sigma), dtype=x0.dtype, device=x0.device)
+            model.predict((1.0 - s.view(-1, 1, 1)) * x0 + s.view(-1, 1, 1) * noise, s, cond)
+    return recorder.result()
 
 
 def default_phrase(sample: Sample) -> str:

@@ -165,6 +165,18 @@ def position_x(position: str) -> float:
     return _POSITION_X[position]
 
 
+def place_phrase(text: str, position: str) -> str:
+    """The words of ``text`` that say a subject stands at ``position``, as written there.
+
+    The longest variant wins ("on the left side", not the "on the left" inside it). Subjects of one
+    sample stand at different places, so in a whole instruction the words name one subject.
+    """
+    said = [w for p in _POSITION_WORDS[position] for w in (p[:1].upper() + p[1:], p) if w in text]
+    if not said:
+        raise ValueError(f"no words for the place {position!r} in {text[:80]!r}")
+    return max(said, key=len)
+
+
 @dataclass
 class SyntheticConfig:
     """What varies the benchmark; ``num_characters`` is an int or an inclusive ``[min, max]`` range."""
@@ -754,8 +766,7 @@ def _character_sentence(rng: random.Random, ch: Character, ref: str, position: s
                         colours: bool = True) -> tuple[str, str]:
     """The subject's sentence, and the words in it that say where it stands (as they appear there)."""
     sentence = _sentence_of(rng, ch, ref, position, colours)
-    said = [w for p in _POSITION_WORDS[position] for w in (_cap(p), p) if w in sentence]
-    return sentence, max(said, key=len)  # "on the left side", not the "on the left" inside it
+    return sentence, place_phrase(sentence, position)
 
 
 def _sentence_of(rng: random.Random, ch: Character, ref: str, position: str, colours: bool) -> str:

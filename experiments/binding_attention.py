@@ -1,7 +1,7 @@
 """Binding seen in attention: where each subject's figure tokens look, per layer.
 
     python experiments/binding_attention.py CKPT [CKPT ...] [--labels a,b] [--n 100] [--synthetic level3]
-        [--set ground_places=true] [--sigmas 0.3,0.6,0.9]
+        [--set ground_places=true] [--sigmas 0.3,0.6,0.9] [--by-slot-order]
 
 The binding rates (``experiments/proxy_breakdown.py``) say whether a figure wears its own
 reference's colours; this says through which keys it could have got them. For each test sample
@@ -30,6 +30,7 @@ from cag.attention_maps import FIGURE_TARGETS, figure_attention
 from cag.data.sources import synthetic_config
 from cag.data.synthetic import generate_sample
 from cag.generate import load_model_for_inference
+from experiments.proxy_breakdown import slot_order
 from experiments.stats import bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,12 +61,12 @@ def own_shares(mass: torch.Tensor) -> np.ndarray:
     return torch.nanmean(share, dim=1).numpy()
 
 
-def measure(checkpoint: Path, synthetic: dict, n: int, sigmas: list[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Own shares ``[samples, layers, kinds]`` and total masses ``[samples, layers, kinds]`` on the test split."""
+def measure(checkpoint: Path, synthetic: dict, n: int, sigmas: list[float]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Own shares and total masses (each ``[samples, layers, kinds]``) on the test split, and the samples' keys."""
     model, info = load_model_for_inference(checkpoint)
     model.eval()
     cfg = synthetic_config(synthetic)
-    shares, masses = [], []
+    shares, masses, keys = [], [], []
     for index in range(n):
         sample = generate_sample("test", index, cfg)
         if len(sample.truth.subjects) < 2:
@@ -73,10 +74,11 @@ def measure(checkpoint: Path, synthetic: dict, n: int, sigmas: list[float]) -> t
         mass = figure_attention(model, sample, sigmas=sigmas, seed=index, image_size=int(info["image_size"]),
                                 vlm_image_size=int(info["vlm_image_size"]))
         shares.append(own_shares(mass))
+        keys.append(sample.key)
         masses.append(torch.nansum(mass, dim=-1).mean(dim=1).numpy())  # [layers, kinds]: all subjects' keys
     if not shares:
         raise SystemExit(f"{checkpoint}: none of the first {n} test samples has two subjects")
-    return np.stack(shares), np.stack(masses)
+    return np.stack(shares), np.stack(masses), keys
 
 
 def table(rows: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--synthetic", default="level3", help="conf/synthetic option or YAML file (default level3)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a synthetic key, e.g. --set ground_places=true (repeatable)")
+    ap.add_argument("--by-slot-order", action="store_true",
+                    help="also split the samples by whether the references stand left to right in their order")
     ap.add_argument("--sigmas", default="0.3,0.6,0.9", help="noise levels of the target (default 0.3,0.6,0.9)")
     args = ap.parse_args(argv)
     labels = args.labels.split(",") if args.labels else [c.parent.parent.name for c in args.checkpoints]
@@ -112,8 +116,17 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{c}: no such checkpoint")
     synthetic = synthetic_settings(args.synthetic, args.set)
     sigmas = [float(x) for x in args.sigmas.split(",")]
-    rows = {lab: measure(c, synthetic, args.n, sigmas) for lab, c in zip(labels, args.checkpoints, strict=True)}
-    print(table(rows))
+    measured = {lab: measure(c, synthetic, args.n, sigmas) for lab, c in zip(labels, args.checkpoints, strict=True)}
+    print(table({lab: (sh, ma) for lab, (sh, ma, _) in measured.items()}))
+    if args.by_slot_order:  # a model that binds by reference slot looks at its own reference only in the first group
+        split = {}
+        for lab, (sh, ma, keys) in measured.items():
+            order = slot_order(synthetic, np.asarray(keys))
+            for name, mask in (("references left to right", order == 1.0), ("references in another order", order == 0.0)):
+                if mask.any():
+                    split[f"{lab}: {name}"] = (sh[mask], ma[mask])
+        print()
+        print(table(split))
 
 
 if __name__ == "__main__":

@@ -244,6 +244,51 @@ def test_init_from_a_missing_file_or_another_architecture_is_refused_by_name(tmp
         train(other)
 
 
+def test_init_grow_starts_a_deeper_dit_that_predicts_exactly_what_its_base_predicts(tmp_path, synthetic_batch):
+    """A 2-block base grown into 4 blocks: its blocks first, the added ones the identity (zero modulation),
+    so at step 0 the grown DiT's prediction equals the base's on a real batch; only fewer blocks are allowed."""
+    from cag.generate import load_model_for_inference
+
+    base = train(_cfg(tmp_path, "trainer.max_steps=2", "data.epoch_batches=2"))["last_ckpt"]
+    saved = torch.load(base, map_location="cpu", weights_only=True)["ema_state_dict"]
+    cfg = _cfg(tmp_path, "trainer.max_steps=1", "data.epoch_batches=1", f"init_from={base}", "init_grow=true",
+               "model.transformer.num_layers=4")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "grown")
+        cfg.callbacks.first = {"_target_": "tests.test_train._FirstWeightsCallback"}
+    train(cfg)
+    start = dict(_FIRST_WEIGHTS)
+    for k, v in saved.items():
+        torch.testing.assert_close(start[k], v, rtol=0, atol=0, msg=k)  # the base's blocks, unchanged
+    added = [k for k in start if k.startswith("model.transformer.transformer_blocks.3.") and "_mod.1." in k]
+    assert added and all(not start[k].any() for k in added)
+
+    base_model, _ = load_model_for_inference(base)
+    grown, _ = load_model_for_inference(None, cfg.model, attention=base_model.attention)
+    grown.transformer.load_state_dict({k.removeprefix("model.transformer."): v for k, v in start.items()})
+    assert len(grown.transformer.transformer_blocks) == 4
+    b = synthetic_batch
+    x0, grid = base_model.encode_images(b["target_pixels"])
+    cond = base_model.condition(b["instructions"], b["vlm_references"], b["ref_pixels"], b["groundings"], grid)
+    torch.manual_seed(0)
+    xt, sigma = torch.randn_like(x0), torch.tensor([0.7, 0.3])
+    with torch.no_grad():
+        torch.testing.assert_close(grown.predict(xt, sigma, cond), base_model.predict(xt, sigma, cond))
+        grown.transformer.transformer_blocks[3].img_mod[1].bias.fill_(0.1)  # the test can fail: a live block differs
+        assert not torch.allclose(grown.predict(xt, sigma, cond), base_model.predict(xt, sigma, cond))
+
+    for overrides, culprit in ((("model.transformer.num_layers=1",), "fewer transformer num_layers"),
+                               (("model.transformer.num_layers=4", "model.transformer.num_attention_heads=4"),
+                                "num_attention_heads")):
+        other = _cfg(tmp_path, "trainer.max_steps=1", f"init_from={base}", "init_grow=true", *overrides)
+        with open_dict(other):
+            other.paths.output_dir = str(tmp_path / "other")
+        with pytest.raises(Exception, match=culprit):
+            train(other)
+    with pytest.raises(ConfigError, match="init_grow=true .* set init_from"):
+        train(_cfg(tmp_path, "trainer.max_steps=1", "init_grow=true"))
+
+
 def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, str(ROOT / "src" / "train.py"), *args, "trainer.enable_progress_bar=false",

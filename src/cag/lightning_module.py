@@ -142,23 +142,47 @@ class CAGLightningModule(L.LightningModule):
             )
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 
-    def initialise_from(self, checkpoint: Mapping[str, Any], name: str) -> str:
+    def initialise_from(self, checkpoint: Mapping[str, Any], name: str, grow: bool = False) -> str:
         """Start the DiT from another run's weights (its EMA when it kept one): a fine-tune from a base model.
 
         Only the weights are taken; the optimizer, schedule, step and data position start fresh, as the
         paper's fine-tunes start from released weights. A checkpoint of another architecture is refused
         naming both configs. Returns which weights were used (``ema`` or ``raw``).
+
+        ``grow=True`` (``init_grow``) also accepts a base with fewer transformer blocks, all else equal:
+        its blocks become this model's first ones and each added block starts as the identity (its
+        modulation zeroed, as ``adaln_zero_init`` does), so the grown model predicts exactly what the
+        base predicts until training moves the new blocks. Why: a deeper DiT can then be tried on top of
+        a base that already copies, without pretraining it again.
         """
         saved = (checkpoint.get("hyper_parameters") or {}).get("model")
         mine = self.hparams["model"]
-        if saved is None or model_architecture(saved) != model_architecture(mine):
+        fits = saved is not None and model_architecture(saved) == model_architecture(mine)
+        if grow and saved is not None and not fits:
+            fits = _grows_into(saved, mine)
+        if not fits:
             raise CheckpointMismatchError(
                 f"init_from={name}: trained with model config {(saved or {}).get('name')!r} "
                 f"{model_architecture(saved or {})}; this run builds {mine.get('name')!r} {model_architecture(mine)}"
+                + (" (init_grow allows only fewer transformer num_layers in the base)" if grow else "")
             )
-        ema = checkpoint.get("ema_state_dict")
-        self.load_state_dict(ema or checkpoint["state_dict"])
-        return "ema" if ema else "raw"
+        weights = dict(checkpoint.get("ema_state_dict") or checkpoint["state_dict"])
+        added = _added_blocks(saved, mine)
+        if added:
+            own = self.state_dict()
+            unknown = sorted(set(weights) - set(own))[:5]
+            if unknown:
+                raise CheckpointMismatchError(f"init_from={name}: weights this model does not have: {unknown}")
+            blocks = self.model.transformer.transformer_blocks
+            with torch.no_grad():
+                for i in added:  # the identity: no shift, no scale, and a zero gate on both streams
+                    for mod in (blocks[i].img_mod[1], blocks[i].txt_mod[1]):
+                        mod.weight.zero_()
+                        if mod.bias is not None:
+                            mod.bias.zero_()
+            weights = {**self.state_dict(), **weights}
+        self.load_state_dict(weights)
+        return "ema" if checkpoint.get("ema_state_dict") else "raw"
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         restore_rng_state(checkpoint, self._training_device())
@@ -290,6 +314,25 @@ class CAGLightningModule(L.LightningModule):
         sched = get_scheduler(o.get("scheduler", "constant_with_warmup"), opt,
                               num_warmup_steps=int(o.get("warmup_steps", 0)), num_training_steps=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _layers(model_cfg: Mapping[str, Any]) -> int:
+    return int((model_cfg.get("transformer") or {}).get("num_layers", 0))
+
+
+def _grows_into(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> bool:
+    """Whether ``saved``'s architecture is ``mine`` with fewer transformer blocks (and nothing else different)."""
+    a, b = model_architecture(saved), model_architecture(mine)
+    a_tr, b_tr = dict(a.get("transformer") or {}), dict(b.get("transformer") or {})
+    if not 0 < _layers(saved) <= _layers(mine):
+        return False
+    a_tr.pop("num_layers", None)
+    b_tr.pop("num_layers", None)
+    return {**a, "transformer": a_tr} == {**b, "transformer": b_tr}
+
+
+def _added_blocks(saved: Mapping[str, Any] | None, mine: Mapping[str, Any]) -> list[int]:
+    return list(range(_layers(saved or mine), _layers(mine)))
 
 
 def model_architecture(model_cfg: Mapping[str, Any]) -> dict[str, Any]:

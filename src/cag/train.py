@@ -153,6 +153,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # a fine-tune reads its base (weights, frozen-parts seed, digest); a resumed one has its own weights but
     # is still that base's fine-tune: same frozen parts, same digest in MLflow
     base = read_init_checkpoint(cfg.get("init_from"))
+    if cfg.get("init_grow") and base is None:
+        raise ConfigError("init_grow=true grows the init_from base into a deeper DiT: set init_from as well")
     frozen_seed = weights_seed(base[0]["hyper_parameters"]) if base is not None else None
     frozen_seed = resumed.get("weights_seed", frozen_seed)
     L.seed_everything(cfg.seed, workers=True)
@@ -176,7 +178,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         weights_seed=frozen_seed,
     )
     if base is not None and not cfg.get("ckpt_path"):
-        used = module.initialise_from(base[0], str(cfg.init_from))
+        used = module.initialise_from(base[0], str(cfg.init_from), grow=bool(cfg.get("init_grow", False)))
         log.info("starting from %s (%s weights, sha256 %s; frozen parts built with seed %d)", cfg.init_from, used,
                  base[1][:12], module.hparams["weights_seed"])
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)

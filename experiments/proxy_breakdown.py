@@ -195,9 +195,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="with --by-slot-order: the benchmark of folders that do not record it (e.g. level3)")
     args = ap.parse_args(argv)
     configs = [[Path(p) for p in arg.split(",") if p] for arg in args.eval_dirs]
-    labels = args.labels.split(",") if args.labels else [_default_label(dirs) for dirs in configs]
+    labels = args.labels.split(",") if args.labels else default_labels(configs)
     if len(labels) != len(configs):
         raise SystemExit(f"--labels names {len(labels)} runs, {len(configs)} configurations were given")
+    repeated = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if repeated:  # rows are keyed by label: a repeated one would silently drop a configuration
+        raise SystemExit(f"--labels: {', '.join(map(repr, repeated))} names more than one configuration")
     parts = {lab: read_config(dirs) for lab, dirs in zip(labels, configs, strict=True)}
     print(breakdown_table(parts))
     if args.by_slot_order:
@@ -216,8 +219,21 @@ def main(argv: list[str] | None = None) -> None:
         print(paired_table(a, b, f"{la} − {lb}"))
 
 
-def _default_label(dirs: list[Path]) -> str:
-    name = dirs[0].name if dirs[0].name != "eval" else dirs[0].parent.name
+def default_labels(configs: list[list[Path]]) -> list[str]:
+    """Each configuration's first folder name, with as many parent folders as it takes to tell them apart.
+
+    Sweeps name their folders ``<row>/seed<k>``, so two rows' seed-0 folders share a name.
+    """
+    for depth in range(1, 1 + max(len(dirs[0].resolve().parts) for dirs in configs)):
+        labels = [_default_label(dirs, depth) for dirs in configs]
+        if len(set(labels)) == len(labels):
+            return labels
+    return labels  # the same folder given twice: main() names it
+
+
+def _default_label(dirs: list[Path], depth: int = 1) -> str:
+    first = dirs[0].parent if dirs[0].name == "eval" else dirs[0]
+    name = "/".join(first.resolve().parts[-depth:])
     return name if len(dirs) == 1 else f"{name} (+{len(dirs) - 1} seeds)"
 
 

@@ -127,3 +127,19 @@ def test_a_configuration_keeps_only_the_samples_every_seed_scored(tmp_path):
     values = read_config([a0, a1])
     assert values["keys"].tolist() == ["test-000001", "test-000002", "test-000003"]
     assert values["bound"].shape == (2, 3) and not values["bound"].any()  # the only bound sample left out
+
+
+def test_two_sweep_rows_whose_seed_folders_share_names_stay_two_configurations(tmp_path, capsys):
+    """A sweep writes eval/<row>/seed<k>: the default labels take parent folders until they differ, so both
+    rows are printed and paired (keyed by the bare folder name, the second row used to replace the first)."""
+    from experiments.proxy_breakdown import main
+
+    every = {f"test-{i:06d}" for i in range(4)}
+    a0 = _results(tmp_path / "eval" / "masked" / "seed0", every, 0.3)
+    b0 = _results(tmp_path / "eval" / "full" / "seed0", set(), 0.0)
+    main([str(a0), str(b0), "--paired"])
+    out = capsys.readouterr().out
+    assert "| masked/seed0 |" in out and "| full/seed0 |" in out
+    assert "| masked/seed0 − full/seed0 |" in out
+    with pytest.raises(SystemExit, match="'A' names more than one"):
+        main([str(a0), str(b0), "--labels", "A,A"])

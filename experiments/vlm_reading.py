@@ -40,7 +40,7 @@ from PIL import Image
 from cag.data.batching import square
 from cag.data.sources import synthetic_config
 from cag.data.synthetic import Sample, SyntheticConfig, generate_sample
-from cag.models.conditioning import PromptEncoder, char_spans_to_tokens, phrase_char_spans
+from cag.models.conditioning import PromptEncoder
 from cag.models.vlm import build_vlm
 from experiments.binding_attention import synthetic_settings
 from experiments.stats import bootstrap
@@ -86,23 +86,23 @@ def subject_phrases(sample: Sample) -> list[str]:
 
 
 def tokenise(encoder: PromptEncoder, batch_ids: torch.Tensor, sample: Sample, row: int) -> Prompt:
-    """Labels on the instruction's tokens; a probe at the token before each subject phrase's first token."""
-    tok = encoder.tokenizer
+    """Labels on the instruction's tokens; a probe at the token before each subject phrase's first token.
+
+    Phrase tokens are located by the conditioning's own rule (``PromptEncoder._phrase_positions``, which
+    also refuses an instruction that tokenises differently inside the template).
+    """
     ids = batch_ids[row].tolist()
     start = encoder._instruction_start(ids, len(sample.references))  # noqa: SLF001 - the conditioning's own rule
-    enc = tok(sample.instruction, add_special_tokens=False, return_offsets_mapping=True)
-    n = len(enc.input_ids)
-    if ids[start : start + n] != list(enc.input_ids):
-        raise RuntimeError(f"sample {sample.key}: the instruction tokenises differently inside the template")
+    n = len(encoder.tokenizer(sample.instruction, add_special_tokens=False).input_ids)
     labels = torch.full_like(batch_ids[row], -100)
     labels[start : start + n] = batch_ids[row, start : start + n]
+    phrases = subject_phrases(sample)
+    positions = encoder._phrase_positions(ids, sample.instruction, len(sample.references), phrases)  # noqa: SLF001
     probes = []
-    offsets = [tuple(o) for o in enc["offset_mapping"]]
-    for phrase in subject_phrases(sample):
-        spans = phrase_char_spans(sample.instruction, phrase)[:1]
-        toks = char_spans_to_tokens(offsets, spans)
-        if toks and start + toks[0] > 0:
-            probes.append((start + toks[0] - 1, ids[start + toks[0]]))
+    for phrase in phrases:
+        first = positions[phrase][0] + encoder.drop_idx if positions[phrase] else None
+        if first:
+            probes.append((first - 1, ids[first]))
     return Prompt(batch_ids[row], labels, probes)
 
 

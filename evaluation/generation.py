@@ -128,7 +128,7 @@ def ensure_generations(
         "seed": int(seed),
         "attention": attention,
         "ref_positions": ref_positions,
-        # data.urls (shards) and synthetic.ground_places joined the config later; left out while unset / off
+        # data.urls (shards), synthetic.ground_places and .train_roster joined the config later; left out at defaults
         # so earlier image folders stay valid
         "data": _fingerprint_data(data_cfg),
         "model": None if target.checkpoint is not None else model_cfg,
@@ -197,8 +197,9 @@ def ensure_generations(
 def _fingerprint_data(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
     data = {k: v for k, v in data_cfg.items() if k != "num_samples" and not (k == "urls" and v is None)}
     syn = data.get("synthetic")
-    if isinstance(syn, Mapping) and not syn.get("ground_places", False):
-        data["synthetic"] = {k: v for k, v in syn.items() if k != "ground_places"}
+    if isinstance(syn, Mapping):  # keys at their defaults stay out, so folders from before they existed stay valid
+        defaults = {"ground_places": False, "train_roster": "fixed"}
+        data["synthetic"] = {k: v for k, v in syn.items() if k not in defaults or v != defaults[k]}
     return data
 
 

@@ -37,7 +37,7 @@ def _synthetic(cfg: DictConfig) -> tuple[Iterator[Sample], int, list[dict[str, s
         num_characters = list(num_characters)
     syn = SyntheticConfig(image_size=cfg.image_size, num_characters=num_characters, seed=cfg.seed,
                           place=cfg.place, shot=cfg.shot, describe_colours=cfg.describe_colours,
-                          ground_places=cfg.ground_places)
+                          ground_places=cfg.ground_places, train_roster=cfg.train_roster)
     try:
         syn.check()
     except ValueError as exc:
@@ -128,7 +128,8 @@ def run(cfg: DictConfig) -> WriteSummary:
                                "num_characters": OmegaConf.to_container(cfg.num_characters)
                                if OmegaConf.is_list(cfg.num_characters) else cfg.num_characters,
                                "place": cfg.place, "shot": cfg.shot, "describe_colours": cfg.describe_colours,
-                               "ground_places": cfg.ground_places}
+                               "ground_places": cfg.ground_places,
+                               "train_roster": cfg.train_roster}
     else:
         report["manifest"] = to_absolute_path(str(cfg.manifest))
     if cfg.get("cache"):

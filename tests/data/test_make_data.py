@@ -43,7 +43,7 @@ def test_cli_writes_synthetic_shards_and_a_summary(tmp_path):
     summary = json.loads((out.parent / "summary.json").read_text())
     assert summary["written"] == 7 and summary["rejected"] == 0 and summary["num_shards"] == 3
     assert summary["synthetic"] == {"image_size": 64, "seed": 0, "num_characters": [1, 3], "place": "text", "shot": "text",
-                                    "describe_colours": True, "ground_places": False}
+                                    "describe_colours": True, "ground_places": False, "train_roster": "fixed"}
     samples = list(iter_shard_samples(summary["urls"]))
     assert [s.key for s in samples] == [f"val-{i:06d}" for i in range(7)]
     assert all(s.references[0].size == (64, 64) for s in samples)

@@ -240,6 +240,7 @@ def test_300_sample_test_split_at_128px_is_quick_with_unique_dotless_keys():
         ({"shot": "wide"}, "shot"),
         ({"num_characters": 3, "shot": "close-up"}, "shot"),
         ({"describe_colours": "no"}, "describe_colours"),
+        ({"train_roster": "random"}, "train_roster"),
     ],
 )
 def test_bad_config_is_refused_naming_the_field(kwargs, culprit):
@@ -340,6 +341,58 @@ def test_ground_places_off_keeps_earlier_generated_image_folders():
     before = {"source": "synthetic", "split": "test", "synthetic": syn}
     assert _fingerprint_data({**before, "synthetic": {**syn, "ground_places": False}}) == before
     assert _fingerprint_data({**before, "synthetic": {**syn, "ground_places": True}}) != before
+    assert _fingerprint_data({**before, "synthetic": {**syn, "train_roster": "fixed"}}) == before
+    assert _fingerprint_data({**before, "synthetic": {**syn, "train_roster": "per_sample"}}) != before
+
+
+@pytest.mark.parametrize("level", [0, 3, 4])
+def test_per_sample_roster_redraws_training_characters_and_leaves_val_and_test_alone(level):
+    """train_roster=per_sample: a training name carries no fixed look (the same name wears many), and val/test
+    samples are byte-identical to the fixed roster's, so every test split and its scores stay comparable."""
+    fixed = {c.name: tuple(sorted(c.colours().items())) for c in characters("train")}
+    looks: dict[str, set] = {}
+    for i in range(120):
+        s = generate_sample("train", i, _level(level, train_roster="per_sample"))
+        for subj in s.truth.subjects:
+            assert subj.name in fixed, (s.key, subj.name)
+            looks.setdefault(subj.name, set()).add(tuple(sorted(subj.colors.items())))
+    assert sum(len(v) for v in looks.values()) > 90  # drawn per sample, not 30 fixed looks
+    assert max(len(v) for v in looks.values()) >= 3
+    assert sum(look != {fixed[name]} for name, look in looks.items()) >= len(looks) - 1
+    for split in ("val", "test"):
+        for i in range(10):
+            a = generate_sample(split, i, _level(level))
+            b = generate_sample(split, i, _level(level, train_roster="per_sample"))
+            assert a.instruction == b.instruction and a.groundings == b.groundings and a.truth == b.truth
+            assert all(x.tobytes() == y.tobytes() for x, y in zip([*a.references, a.target],
+                                                                   [*b.references, b.target], strict=True))
+
+
+def test_per_sample_training_characters_never_look_like_a_val_or_test_character(monkeypatch):
+    """Test characters stay unseen: a drawn look equal to a held-out one is redrawn. The draw is forced onto a
+    test character's look first, so the check cannot pass by luck of the odds (about 1 in 10,000 a draw)."""
+    import random
+
+    from cag.data import synthetic as syn
+
+    held = characters("test")[4]
+    real = syn._draw_appearance
+    calls = {"n": 0}
+
+    def first_a_test_look(rng, name):
+        calls["n"] += 1
+        return syn.Character(name, *[getattr(held, f) for f in (
+            "pronouns", "hair_colour", "hair_style", "top_colour", "top_pattern", "bottom_colour",
+            "accessory", "accessory_colour", "skin")]) if calls["n"] == 1 else real(rng, name)
+
+    monkeypatch.setattr(syn, "_draw_appearance", first_a_test_look)
+    cast = syn._choose_cast(random.Random(0), "train", 1, "per_sample")
+    assert calls["n"] >= 2 and cast[0].combination != held.combination
+    held_out = {c.combination for split in ("val", "test") for c in characters(split)}
+    monkeypatch.setattr(syn, "_draw_appearance", real)
+    for seed in range(300):
+        for ch in syn._choose_cast(random.Random(seed), "train", 2, "per_sample"):
+            assert ch.combination not in held_out and ch.name in {c.name for c in characters("train")}
 
 
 @pytest.mark.parametrize("level", [0, 3])

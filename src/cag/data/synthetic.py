@@ -14,7 +14,8 @@ hides part of the hair.
 
 Train, val and test characters are disjoint (separate name pools, globally unique
 attribute combinations), and the roster is fixed (independent of ``seed``) so that this
-holds whatever seeds the splits were generated with. ``seed`` varies everything else:
+holds whatever seeds the splits were generated with. ``train_roster="per_sample"`` draws
+each training character's appearance per sample instead (never a val or test one's). ``seed`` varies everything else:
 which characters meet, where they stand, the shot, the scene and the props.
 """
 
@@ -195,6 +196,11 @@ class SyntheticConfig:
     # and clothes, so eq. 9's mask ties the words that say where to the reference that says what; the
     # instruction, the images and the test targets are the same as with False (only the groundings differ)
     ground_places: bool = False
+    # who the training split's characters are (val and test keep their fixed casts whatever this says):
+    # "fixed": the 30-character training roster, each always drawn the same way; "per_sample": every
+    # training character's appearance drawn per sample (training names, never a val/test combination),
+    # so a subject's look can come from its reference only and cannot be learnt by name
+    train_roster: str = "fixed"
 
     def character_range(self) -> tuple[int, int]:
         n = self.num_characters
@@ -238,6 +244,8 @@ class SyntheticConfig:
             raise ValueError(f"SyntheticConfig.describe_colours={self.describe_colours!r} must be true or false")
         if not isinstance(self.ground_places, bool):
             raise ValueError(f"SyntheticConfig.ground_places={self.ground_places!r} must be true or false")
+        if self.train_roster not in TRAIN_ROSTERS:
+            raise ValueError(f"SyntheticConfig.train_roster={self.train_roster!r} must be one of {list(TRAIN_ROSTERS)}")
 
 
 @dataclass(frozen=True)
@@ -298,6 +306,38 @@ def _far(colour: RGB, others: Sequence[RGB], threshold: int = 150) -> bool:
     return all(_colour_distance(colour, o) > threshold for o in others)
 
 
+def _draw_appearance(rng: random.Random, name: str) -> Character:
+    """One attribute combination whose parts differ clearly in colour (hair, shirt, pants, accessory)."""
+    hair = rng.choice(list(_HAIR_COLOURS))
+    worn = [_HAIR_COLOURS[hair]]
+    top = rng.choice([c for c, rgb in _TOP_COLOURS.items() if c != hair and _far(rgb, worn)])
+    worn.append(_TOP_COLOURS[top])
+    bottom = rng.choice(
+        [c for c, rgb in _BOTTOM_COLOURS.items() if c not in (hair, top) and _far(rgb, worn)]
+    )
+    worn.append(_BOTTOM_COLOURS[bottom])
+    accessory = rng.choice(_ACCESSORIES)
+    acc_colour = (
+        None if accessory is None
+        else rng.choice([
+            c for c, rgb in _ACCESSORY_COLOURS.items()
+            if c not in (hair, top, bottom) and _far(rgb, worn, 120)
+        ])
+    )
+    return Character(
+        name=name,
+        pronouns=rng.choice(_PRONOUNS),
+        hair_colour=hair,
+        hair_style=rng.choice(_HAIR_STYLES),
+        top_colour=top,
+        top_pattern=rng.choice(_TOP_PATTERNS),
+        bottom_colour=bottom,
+        accessory=accessory,
+        accessory_colour=acc_colour,
+        skin=rng.choice(_SKIN_TONES),
+    )
+
+
 def _build_roster() -> dict[str, tuple[Character, ...]]:
     """Fixed roster shared by every seed, so split disjointness never depends on how data was generated."""
     rng = random.Random(20260101)
@@ -307,34 +347,7 @@ def _build_roster() -> dict[str, tuple[Character, ...]]:
         chars = []
         for name in _NAMES[split]:
             while True:
-                hair = rng.choice(list(_HAIR_COLOURS))
-                worn = [_HAIR_COLOURS[hair]]
-                top = rng.choice([c for c, rgb in _TOP_COLOURS.items() if c != hair and _far(rgb, worn)])
-                worn.append(_TOP_COLOURS[top])
-                bottom = rng.choice(
-                    [c for c, rgb in _BOTTOM_COLOURS.items() if c not in (hair, top) and _far(rgb, worn)]
-                )
-                worn.append(_BOTTOM_COLOURS[bottom])
-                accessory = rng.choice(_ACCESSORIES)
-                acc_colour = (
-                    None if accessory is None
-                    else rng.choice([
-                        c for c, rgb in _ACCESSORY_COLOURS.items()
-                        if c not in (hair, top, bottom) and _far(rgb, worn, 120)
-                    ])
-                )
-                ch = Character(
-                    name=name,
-                    pronouns=rng.choice(_PRONOUNS),
-                    hair_colour=hair,
-                    hair_style=rng.choice(_HAIR_STYLES),
-                    top_colour=top,
-                    top_pattern=rng.choice(_TOP_PATTERNS),
-                    bottom_colour=bottom,
-                    accessory=accessory,
-                    accessory_colour=acc_colour,
-                    skin=rng.choice(_SKIN_TONES),
-                )
+                ch = _draw_appearance(rng, name)
                 if ch.combination not in used:
                     used.add(ch.combination)
                     chars.append(ch)
@@ -344,6 +357,9 @@ def _build_roster() -> dict[str, tuple[Character, ...]]:
 
 
 ROSTER: dict[str, tuple[Character, ...]] = _build_roster()
+# what a per-sample training character may never look like: any val or test character
+_HELD_OUT_COMBINATIONS = frozenset(c.combination for split in ("val", "test") for c in ROSTER[split])
+TRAIN_ROSTERS = ("fixed", "per_sample")
 
 
 def characters(split: str) -> tuple[Character, ...]:
@@ -605,11 +621,26 @@ class _Layout:
     props: list[_Prop] = field(default_factory=list)
 
 
-def _choose_cast(rng: random.Random, split: str, n: int) -> list[Character]:
-    """Distinct hair and top colours and unique phrases, so every phrase names one thing in one reference."""
+def _choose_cast(rng: random.Random, split: str, n: int, train_roster: str = "fixed") -> list[Character]:
+    """Distinct hair and top colours and unique phrases, so every phrase names one thing in one reference.
+
+    ``train_roster="per_sample"`` (training split only): each character's appearance is drawn for this
+    sample under a training name, never one of a val or test character's combinations. A fixed roster
+    of 30 lets a model learn each character by name and stop reading its reference
+    (experiments/results/binding/memorised_characters.md); a per-sample appearance can only be read.
+    """
     pool = list(ROSTER[split])
+    fresh = split == "train" and train_roster == "per_sample"
     for _ in range(1000):
-        cast = rng.sample(pool, n)
+        if fresh:
+            cast = []
+            for name in rng.sample(_NAMES["train"], n):
+                ch = _draw_appearance(rng, name)
+                while ch.combination in _HELD_OUT_COMBINATIONS:
+                    ch = _draw_appearance(rng, name)
+                cast.append(ch)
+        else:
+            cast = rng.sample(pool, n)
         phrases = [ph for c in cast for ph in (c.hair_phrase, c.top_phrase, c.bottom_phrase, c.accessory_phrase) if ph]
         if (
             len({c.hair_colour for c in cast}) == n
@@ -819,7 +850,7 @@ def generate_sample(split: str, index: int, cfg: SyntheticConfig) -> Sample:
     rng = _rng_for(split, index, cfg.seed)
     lo, hi = cfg.character_range()
     n = rng.randint(lo, hi)
-    cast = _choose_cast(rng, split, n)
+    cast = _choose_cast(rng, split, n, cfg.train_roster)
     layout = _layout(rng, cast, cfg)
     size = cfg.image_size
     scene_id = n + 1

@@ -46,9 +46,11 @@ def _runs(tmp_path: Path):
         ("vae_dropout=1.5", "vae_dropout=1.5"),
         ("vae_dropout=-0.1", "vae_dropout=-0.1"),
         ("text_dropout=2", "text_dropout=2"),
+        ("data.synthetic.place=side", "place='side'"),
+        ("data.synthetic.train_roster=random", "train_roster='random'"),
     ],
 )
-def test_bad_top_level_values_are_refused_naming_the_value(tmp_path, override, culprit):
+def test_bad_config_values_are_refused_naming_the_value_before_anything_is_built(tmp_path, override, culprit):
     cfg = _cfg(tmp_path, override)
     with pytest.raises(ConfigError) as err:
         validate_train_config(cfg)

@@ -23,6 +23,7 @@ from cag.checkpoints import (
     shipped_weights,
     weights_seed,
 )
+from cag.data.sources import synthetic_config
 from cag.fault_tolerance import LastCheckpoint
 from cag.lightning_module import CAGLightningModule
 from cag.models.attention import ATTENTION_MODES
@@ -63,6 +64,11 @@ def validate_train_config(cfg: DictConfig) -> None:
             raise ConfigError(f"model.image_size={size} must be a multiple of {step} (2 x codec.factor)")
     if float(cfg.optim.lr) <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0")
+    if cfg.data.get("source", "synthetic") == "synthetic":  # else the first batch finds it, after MLflow has a run
+        try:
+            synthetic_config(cfg.data.get("synthetic")).check()
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"data.synthetic: {exc}") from exc
     strategy = cfg.trainer.get("strategy")
     target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
     if "fsdp" in target.lower() and "mixed" in str(cfg.trainer.get("precision", "")) and cfg.model.get("dtype") != "float32":

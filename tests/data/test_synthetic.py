@@ -408,3 +408,31 @@ def test_without_colour_words_the_instruction_names_each_subject_and_its_place_o
             assert subj.phrase in s.instruction
         subject_ids = {p.image_id for p in s.truth.subjects}
         assert {g.phrase for g in s.groundings if g.image_id in subject_ids} == {p.phrase for p in s.truth.subjects}
+
+
+def test_per_sample_characters_get_exact_groundings_and_are_drawn_in_their_colours():
+    """A drawn look is grounded and painted as a roster character is: each part phrase's box in its reference holds
+    that part's colour (and all of it), and the target draws the figure in those colours at its instructed side."""
+    cfg = SyntheticConfig(image_size=96, num_characters=[1, 3], seed=5, train_roster="per_sample")
+    part_of = (("pants", "bottom", 0.6), ("shirt", "top", 0.35), ("hair", "hair", 0.3), ("twin-tails", "hair", 0.3))
+    for s in generate_split("train", 40, cfg):
+        for g in s.groundings:
+            validate_grounding(g, len(s.references), s.instruction)
+        for subj in s.truth.subjects:
+            ref = np.asarray(s.references[subj.image_id - 1])
+            checked = set()
+            for g in s.groundings:
+                if g.image_id != subj.image_id:
+                    continue
+                part = next(((p, m) for word, p, m in part_of if g.phrase.endswith(word)), None)
+                if part is None:
+                    continue
+                colour = subj.colors[part[0]]
+                inside = _crop(ref, g.bbox_2d)
+                assert _exact(inside, colour).mean() >= part[1], (s.key, g.phrase)
+                assert _exact(inside, colour).sum() == _exact(ref, colour).sum(), (s.key, g.phrase)
+                checked.add(part[0])
+            assert checked == {"hair", "top", "bottom"}, (s.key, subj.name, checked)
+            figure = _crop(s.target, subj.target_bbox_2d)
+            for part in ("hair", "top", "bottom"):
+                assert _exact(figure, subj.colors[part]).any(), (s.key, subj.name, part)

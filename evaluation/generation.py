@@ -19,6 +19,7 @@ from typing import Any
 
 from cag.checkpoints import read_checkpoint
 from cag.data.sample import Sample
+from cag.data.synthetic import SyntheticConfig
 from evaluation.target import UNTRAINED, EvalTarget
 
 GENERATIONS_FILE = "generations.jsonl"
@@ -194,11 +195,15 @@ def ensure_generations(
     )
 
 
+# SyntheticConfig fields added after image folders were first fingerprinted
+_LATE_SYNTHETIC_KEYS = ("ground_places", "train_roster")
+
+
 def _fingerprint_data(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
     data = {k: v for k, v in data_cfg.items() if k != "num_samples" and not (k == "urls" and v is None)}
     syn = data.get("synthetic")
     if isinstance(syn, Mapping):  # keys at their defaults stay out, so folders from before they existed stay valid
-        defaults = {"ground_places": False, "train_roster": "fixed"}
+        defaults = {k: getattr(SyntheticConfig(), k) for k in _LATE_SYNTHETIC_KEYS}
         data["synthetic"] = {k: v for k, v in syn.items() if k not in defaults or v != defaults[k]}
     return data
 

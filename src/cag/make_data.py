@@ -13,31 +13,33 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from cag.data.manifest import ManifestError, load_manifest, scan_manifest
 from cag.data.sample import Sample
 from cag.data.shards import WriteSummary, brace_urls, existing_shards, write_shards
-from cag.data.sources import SampleSource
+from cag.data.sources import SampleSource, synthetic_config
 from cag.data.synthetic import SPLITS, SyntheticConfig
+from cag.utils.plain import plain
 
 
 class MakeDataError(RuntimeError):
     """A configuration or input problem reported as one line instead of a traceback."""
 
 
+def _synthetic_config(cfg: DictConfig) -> SyntheticConfig:
+    """The generator's keys sit at the top level of conf/make_data.yaml; every SyntheticConfig field is read."""
+    return synthetic_config({f.name: plain(cfg[f.name]) for f in fields(SyntheticConfig)})
+
+
 def _synthetic(cfg: DictConfig) -> tuple[Iterator[Sample], int, list[dict[str, str]]]:
-    num_characters: Any = cfg.num_characters
-    if OmegaConf.is_list(num_characters):
-        num_characters = list(num_characters)
-    syn = SyntheticConfig(image_size=cfg.image_size, num_characters=num_characters, seed=cfg.seed,
-                          place=cfg.place, shot=cfg.shot, describe_colours=cfg.describe_colours,
-                          ground_places=cfg.ground_places, train_roster=cfg.train_roster)
+    syn = _synthetic_config(cfg)
     try:
         syn.check()
     except ValueError as exc:
@@ -124,12 +126,7 @@ def run(cfg: DictConfig) -> WriteSummary:
     report = summary.to_json()
     report.update({"source": cfg.source, "split": cfg.split, "urls": brace_urls(summary.shards)})
     if cfg.source == "synthetic":
-        report["synthetic"] = {"image_size": cfg.image_size, "seed": cfg.seed,
-                               "num_characters": OmegaConf.to_container(cfg.num_characters)
-                               if OmegaConf.is_list(cfg.num_characters) else cfg.num_characters,
-                               "place": cfg.place, "shot": cfg.shot, "describe_colours": cfg.describe_colours,
-                               "ground_places": cfg.ground_places,
-                               "train_roster": cfg.train_roster}
+        report["synthetic"] = asdict(_synthetic_config(cfg))
     else:
         report["manifest"] = to_absolute_path(str(cfg.manifest))
     if cfg.get("cache"):

@@ -371,6 +371,7 @@ def test_per_sample_roster_redraws_training_characters_and_leaves_val_and_test_a
 def test_per_sample_training_characters_never_look_like_a_val_or_test_character(monkeypatch):
     """Test characters stay unseen: a drawn look equal to a held-out one is redrawn. The draw is forced onto a
     test character's look first, so the check cannot pass by luck of the odds (about 1 in 10,000 a draw)."""
+    import dataclasses
     import random
 
     from cag.data import synthetic as syn
@@ -381,9 +382,7 @@ def test_per_sample_training_characters_never_look_like_a_val_or_test_character(
 
     def first_a_test_look(rng, name):
         calls["n"] += 1
-        return syn.Character(name, *[getattr(held, f) for f in (
-            "pronouns", "hair_colour", "hair_style", "top_colour", "top_pattern", "bottom_colour",
-            "accessory", "accessory_colour", "skin")]) if calls["n"] == 1 else real(rng, name)
+        return dataclasses.replace(held, name=name) if calls["n"] == 1 else real(rng, name)
 
     monkeypatch.setattr(syn, "_draw_appearance", first_a_test_look)
     cast = syn._choose_cast(random.Random(0), "train", 1, "per_sample")

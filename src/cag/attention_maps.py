@@ -38,7 +38,7 @@ from cag.models.cag_model import CAGModel, Conditioning
 from cag.models.layout import box_to_token_indices
 from cag.sampling import SamplerConfig, sample_batch
 
-MODE_TITLES = {"full": "Full Attn.", "masked": "Mask Attn."}
+MODE_TITLES = {"full": "Full Attn.", "masked": "Mask Attn.", "routed": "Routed Attn."}
 
 
 def phrase_probabilities(
@@ -52,19 +52,15 @@ def phrase_probabilities(
     """Attention probabilities ``[H, R, L]`` of joint rows ``rows`` of one sample, under the layer's own mask.
 
     ``query``/``key``: ``[B, L, H, D]`` as :meth:`CAGAttnProcessor.attend` receives them.
-    With ``cag_mask`` (masked attention) each phrase row uses its eq. 9 key mask; without
-    it, the key-padding mask of full attention.
+    With ``cag_mask`` (masked or routed attention) every row uses the key mask that mask gives
+    it (a phrase row its eq. 9 keys); without it, the key-padding mask of full attention.
     """
     length = key.shape[1]
     allowed = torch.ones(len(rows), length, dtype=torch.bool, device=key.device)
     if padding_mask is not None:
         allowed &= padding_mask[sample].reshape(-1)[None, :].bool()
     if cag_mask is not None:
-        where = {int(r): p for p, (r, v) in enumerate(zip(cag_mask.rows[sample], cag_mask.valid[sample], strict=True)) if v}
-        missing = [r for r in rows if int(r) not in where]
-        if missing:
-            raise ValueError(f"rows {missing} are not phrase rows of the masked-attention layout")
-        allowed = torch.stack([cag_mask.allowed[sample, where[int(r)]] for r in rows])
+        allowed = cag_mask.row_keys(sample, list(rows)).to(key.device)
     idx = torch.as_tensor(list(rows), dtype=torch.long, device=query.device)
     q = query[sample, idx].float()  # [R, H, D]
     k = key[sample].float()  # [L, H, D]
@@ -208,9 +204,9 @@ class FigureAttentionRecorder(_Recorder):
     figure tokens that weigh their own subject's reference (or the words that carry it) above the
     other subjects'. ``rows[i]`` are subject i's target tokens (joint indices), ``columns[kind][j]``
     subject j's keys of that kind; :meth:`observe` adds, per layer, ``[subject i, kind, subject j]``
-    = mean over heads and figure tokens of the probability on those keys. Target tokens are never
-    phrase rows, so their probabilities are the same under full and masked attention's rule
-    (padding only): the recorder sees what the layer computes.
+    = mean over heads and figure tokens of the probability on those keys, under the layer's own
+    mask (target rows see every key under full and masked attention, and no reference latent
+    under routed attention): the recorder sees what the layer computes.
     """
 
     def __init__(self, model: CAGModel, layers: Sequence[int] | None = None) -> None:
@@ -227,7 +223,7 @@ class FigureAttentionRecorder(_Recorder):
         n = len(self.rows)
         out = torch.full((n, len(FIGURE_TARGETS), n), float("nan"))
         for i, rows in enumerate(self.rows):
-            probs = phrase_probabilities(query, key, rows, padding_mask, None).mean(dim=(0, 1)).cpu()  # [L]
+            probs = phrase_probabilities(query, key, rows, padding_mask, cag_mask).mean(dim=(0, 1)).cpu()  # [L]
             for k, kind in enumerate(FIGURE_TARGETS):
                 for j, cols in enumerate(self.columns[kind]):
                     if cols:

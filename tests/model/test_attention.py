@@ -258,3 +258,113 @@ def test_grounding_with_image_id_beyond_references_is_refused(tiny_model_factory
     bad = [[Grounding("stands", 9, (0, 0, 10, 10))], []]
     with pytest.raises(ValueError, match="image_id=9"):
         model.condition(b["instructions"], b["vlm_references"], b["ref_pixels"], bad, grid)
+
+
+# --------------------------------------------------------------- routed attention (an extension)
+
+
+def _independent_routed_mask(layout: TokenLayout) -> torch.Tensor:
+    """docs/design.md, 'Routed attention' written out row by row: eq. 9 for phrase rows, and every other
+    row kept off the reference latents (text and target rows) or inside its own reference."""
+    eq9 = _independent_dense_mask(layout)[:, 0]
+    b, t = layout.text_mask.shape
+    segs = layout.image_segments
+    out = torch.zeros_like(eq9)
+    for i in range(b):
+        phrase_rows = {r for binding in layout.phrases[i] for r in binding.text_positions if layout.text_mask[i, r]}
+        plain = torch.zeros(layout.joint_len, dtype=torch.bool)
+        plain[:t] = layout.text_mask[i] & ~layout.image_pad[i]
+        plain[t + segs[0][0] : t + segs[0][1]] = True
+        for q in range(layout.joint_len):
+            if q in phrase_rows:
+                out[i, q] = eq9[i, q]
+            elif q < t + segs[0][1]:
+                out[i, q] = plain
+            else:
+                start, end = next((t + s, t + e) for s, e in segs[1:] if t + s <= q < t + e)
+                out[i, q, start:end] = True
+    return out[:, None]
+
+
+@pytest.mark.parametrize("refs_present", [True, False])
+def test_routed_mask_equals_the_rule_written_row_by_row(refs_present):
+    layout = _layout(refs_present=refs_present)
+    routed = layout.phrase_mask(routed=True)
+    expected = _independent_routed_mask(layout)
+    torch.testing.assert_close(routed.dense(), expected)
+    target_rows = list(range(TXT, TXT + TGT[0] * TGT[1]))
+    assert torch.equal(routed.row_keys(1, target_rows), expected[1, 0, target_rows])
+    if refs_present:
+        assert not routed.row_keys(0, target_rows)[:, TXT + TGT[0] * TGT[1] :].any()  # the target sees no reference
+
+
+def test_routed_mask_exists_without_groundings():
+    layout = dataclasses.replace(_layout(), phrases=[[], []])
+    assert layout.phrase_mask() is None
+    routed = layout.phrase_mask(routed=True)
+    assert routed is not None and routed.num_rows == 0
+    torch.testing.assert_close(routed.dense(), _independent_routed_mask(layout))
+
+
+@pytest.mark.parametrize("refs_present", [True, False])
+def test_routed_blocks_equal_dense_reference(refs_present):
+    layout = _layout(refs_present=refs_present)
+    attn, img, txt, mask, freqs = _inputs(layout)
+    routed = layout.phrase_mask(routed=True)
+    split = CAGAttnProcessor()(attn, img, txt, encoder_hidden_states_mask=mask, image_rotary_emb=freqs, cag_mask=routed)
+    dense = CAGAttnProcessor(dense=True)(attn, img, txt, encoder_hidden_states_mask=mask, image_rotary_emb=freqs,
+                                         cag_mask=routed)
+    for a, b in zip(split, dense, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def _ref_token_split(cond) -> torch.Tensor:
+    """``[B, N_ref]`` True where a reference token lies in some grounded phrase's box of its sample."""
+    layout = cond.layout
+    inside = torch.zeros(cond.ref_tokens.shape[:2], dtype=torch.bool)
+    offset = layout.num_target_tokens
+    segments = layout.image_segments
+    for i, bindings in enumerate(layout.phrases):
+        for binding in bindings:
+            for ref, tokens in binding.ref_tokens.items():
+                inside[i, torch.as_tensor(tokens) + segments[1 + ref][0] - offset] = True
+    return inside
+
+
+def test_routed_target_takes_reference_appearance_only_through_phrase_boxes(tiny_model_factory, synthetic_batch):
+    """Changing reference latents outside every grounded box leaves the routed prediction exactly as it was
+    (eq. 9 alone lets the target read them); changing those inside a box moves it (the route is open)."""
+    model = tiny_model_factory("routed")
+    b = synthetic_batch
+    x0, grid = model.encode_images(b["target_pixels"])
+    cond = model.condition(b["instructions"], b["vlm_references"], b["ref_pixels"], b["groundings"], grid)
+    inside = _ref_token_split(cond)
+    assert inside.any() and (~inside).any()
+    sigma = torch.full((x0.shape[0],), 0.5)
+    xt = torch.randn_like(x0)
+    noise = torch.randn_like(cond.ref_tokens)
+    outside_changed = dataclasses.replace(cond, ref_tokens=torch.where(inside[..., None], cond.ref_tokens, noise))
+    inside_changed = dataclasses.replace(cond, ref_tokens=torch.where(inside[..., None], noise, cond.ref_tokens))
+    preds = {}
+    with torch.no_grad():
+        for mode in ("routed", "masked"):
+            model.attention = mode
+            preds[mode] = [model.predict(xt, sigma, c) for c in (cond, outside_changed, inside_changed)]
+    routed, masked = preds["routed"], preds["masked"]
+    assert torch.equal(routed[0], routed[1])
+    assert (routed[0] - routed[2]).abs().max() > 1e-6  # small at initialisation: two hops, box -> phrase -> target
+    assert (masked[0] - masked[1]).abs().max() > 1e-4  # without routing the target reads them directly
+
+
+def test_routed_sample_without_groundings_ignores_the_references(tiny_model_factory, synthetic_batch):
+    model = tiny_model_factory("routed")
+    b = synthetic_batch
+    x0, grid = model.encode_images(b["target_pixels"])
+    cond = model.condition(b["instructions"], b["vlm_references"], b["ref_pixels"], [[], []], grid)
+    changed = dataclasses.replace(cond, ref_tokens=torch.randn_like(cond.ref_tokens))
+    sigma = torch.full((x0.shape[0],), 0.7)
+    xt = torch.randn_like(x0)
+    with torch.no_grad():
+        assert torch.equal(model.predict(xt, sigma, cond), model.predict(xt, sigma, changed))
+        model.attention = "masked"
+        assert (model.predict(xt, sigma, cond) - model.predict(xt, sigma, changed)).abs().max() > 1e-4

@@ -16,6 +16,11 @@ mask is built once per step by :mod:`cag.models.layout` and reaches every layer 
 are derived from it once and reused by every layer (no per-layer mask conversion and no
 per-layer host sync on a GPU). The dense ``[B, 1, L, L]`` form is kept as the test
 reference and the benchmark baseline.
+
+``attention=routed`` is this project's extension, not the paper's (docs/design.md, 'Routed
+attention'): the same phrase rows, and every other row restricted as well, so that the target
+receives reference appearance only through phrase tokens. It runs as the per-row call over the
+whole text stream plus one call per image segment, each under one shared key mask.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 from torch import nn
 
-ATTENTION_MODES = ("full", "masked")
+ATTENTION_MODES = ("full", "masked", "routed")
 
 
 @dataclass
@@ -39,12 +44,20 @@ class PhraseRowMask:
     (samples have different phrase counts); ``allowed[b, p, :]`` is the key mask of that
     row (padded rows get the key-padding mask so the softmax stays finite).
     ``key_padding[b, :]`` is True for every real key.
+
+    ``attention=routed`` (docs/design.md, 'Routed attention') restricts the other rows too:
+    ``text_rows[b, :]`` is the key mask of every text row that is not a phrase row, and
+    ``blocks`` lists contiguous image row ranges ``(start, end, keys[B, L])`` that cover the
+    rest of the sequence. Both empty (``None`` / ``()``) is eq. 9 alone, the other rows stock.
     """
 
     rows: torch.Tensor  # [B, P] long
     valid: torch.Tensor  # [B, P] bool
     allowed: torch.Tensor  # [B, P, L] bool
     key_padding: torch.Tensor  # [B, L] bool
+    text_rows: torch.Tensor | None = None  # [B, L] bool, routed only
+    text_len: int = 0  # text-stream length T (rows [0, T)), routed only
+    blocks: tuple[tuple[int, int, torch.Tensor], ...] = ()  # routed only: image rows [start, end) and their keys
     _head: tuple[int, torch.Tensor | None] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -56,30 +69,58 @@ class PhraseRowMask:
 
         Computed on first use and kept: every layer of a step (every step of a sampling
         run) shares this object, so the conversion and its host sync happen once. ``R`` is 0
-        (and ``mask`` None) when no row is a phrase row.
+        (and ``mask`` None) when no row is a phrase row; under routing ``R`` is the whole
+        text stream, whose other rows have their own mask.
         """
         if self._head is None:
-            if not bool(self.valid.any()):
+            if self.text_rows is None and not bool(self.valid.any()):
                 self._head = (0, None)
             else:
-                r = int(self.rows[self.valid].max()) + 1
                 b, length = self.key_padding.shape
-                mask = self.key_padding[:, None, :].expand(b, r, length).clone()
+                if self.text_rows is not None:
+                    r = self.text_len
+                    mask = self.text_rows[:, None, :].expand(b, r, length).clone()
+                else:
+                    r = int(self.rows[self.valid].max()) + 1
+                    mask = self.key_padding[:, None, :].expand(b, r, length).clone()
                 bi, pi = self.valid.nonzero(as_tuple=True)
                 mask[bi, self.rows[bi, pi]] = self.allowed[bi, pi]
                 self._head = (r, mask[:, None])
         return self._head
 
     def to(self, device: torch.device) -> PhraseRowMask:
-        return PhraseRowMask(self.rows.to(device), self.valid.to(device), self.allowed.to(device), self.key_padding.to(device))
+        return PhraseRowMask(
+            self.rows.to(device), self.valid.to(device), self.allowed.to(device), self.key_padding.to(device),
+            None if self.text_rows is None else self.text_rows.to(device), self.text_len,
+            tuple((s, e, m.to(device)) for s, e, m in self.blocks),
+        )
+
+    def row_keys(self, sample: int, rows: list[int] | torch.Tensor) -> torch.Tensor:
+        """``[len(rows), L]``: the keys each of these joint rows of one sample may see (any row, not only phrases)."""
+        phrase = {int(r): p for p, (r, v) in enumerate(zip(self.rows[sample], self.valid[sample], strict=True)) if v}
+        out = []
+        for row in (int(r) for r in rows):
+            if row in phrase:
+                out.append(self.allowed[sample, phrase[row]])
+                continue
+            keys = self.key_padding[sample]
+            if self.text_rows is not None and row < self.text_len:
+                keys = self.text_rows[sample]
+            for start, end, block in self.blocks:
+                if start <= row < end:
+                    keys = block[sample]
+            out.append(keys)
+        return torch.stack(out)
 
     def dense(self) -> torch.Tensor:
         """The full ``[B, 1, L, L]`` boolean mask (reference implementation and benchmark baseline)."""
         b, length = self.key_padding.shape
-        mask = self.key_padding[:, None, :].expand(b, length, length).clone()
-        bi, pi = self.valid.nonzero(as_tuple=True)
-        mask[bi, self.rows[bi, pi]] = self.allowed[bi, pi]
-        return mask[:, None]
+        if not self.blocks and self.text_rows is None:
+            mask = self.key_padding[:, None, :].expand(b, length, length).clone()
+            bi, pi = self.valid.nonzero(as_tuple=True)
+            mask[bi, self.rows[bi, pi]] = self.allowed[bi, pi]
+            return mask[:, None]
+        return torch.stack([self.row_keys(i, list(range(length))) for i in range(b)])[:, None]
 
     def attend_head(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Attention output of rows ``[0, R)`` under their masks (tensors ``[B, L, H, D]``, output ``[B, R, H, D]``)."""
@@ -88,12 +129,20 @@ class PhraseRowMask:
             query[:, :r].transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask
         ).transpose(1, 2)
 
+    def attend_blocks(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Attention output of the routed image rows, one call per block with its shared key mask ``[B, 1, 1, L]``."""
+        k, v = key.transpose(1, 2), value.transpose(1, 2)
+        return torch.cat([
+            F.scaled_dot_product_attention(query[:, s:e].transpose(1, 2), k, v, attn_mask=m[:, None, None, :]).transpose(1, 2)
+            for s, e, m in self.blocks
+        ], dim=1)
+
 
 class CAGAttnProcessor:
     """Drop-in for diffusers' ``QwenDoubleStreamAttnProcessor2_0`` that honours a :class:`PhraseRowMask`.
 
     ``cag_mask=None`` gives exactly the stock computation, so one processor serves
-    ``attention=full`` and ``attention=masked``. ``dense=True`` applies the same rule through
+    ``attention=full``, ``masked`` and ``routed``. ``dense=True`` applies the same rule through
     a dense mask (slow; for tests and the benchmark).
     """
 
@@ -181,6 +230,9 @@ class CAGAttnProcessor:
                 query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=cag_mask.dense()
             ).transpose(1, 2)
         r = cag_mask.head()[0] if cag_mask is not None else 0
+        if cag_mask is not None and cag_mask.blocks:
+            head = cag_mask.attend_head(query, key, value)
+            return torch.cat([head, cag_mask.attend_blocks(query, key, value).to(head.dtype)], dim=1)
         out = dispatch_attention_fn(
             query[:, r:] if r else query,
             key,

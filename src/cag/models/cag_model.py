@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -54,16 +54,14 @@ class Conditioning:
     prompts: EncodedPrompts
     ref_tokens: torch.Tensor | None  # [B, N_ref, C*4], concatenated references
     layout: TokenLayout
-    _mask: PhraseRowMask | None = None
-    _mask_built: bool = False
+    _masks: dict[bool, PhraseRowMask | None] = field(default_factory=dict)
 
-    def phrase_mask(self, device: torch.device) -> PhraseRowMask | None:
+    def phrase_mask(self, device: torch.device, routed: bool = False) -> PhraseRowMask | None:
         """Built once per conditioning (one training step, or a whole sampling run) and reused by every layer."""
-        if not self._mask_built:
-            mask = self.layout.phrase_mask()
-            self._mask = mask.to(device) if mask is not None else None
-            self._mask_built = True
-        return self._mask
+        if routed not in self._masks:
+            mask = self.layout.phrase_mask(routed=routed)
+            self._masks[routed] = mask.to(device) if mask is not None else None
+        return self._masks[routed]
 
 
 class CAGModel(nn.Module):
@@ -231,6 +229,12 @@ class CAGModel(nn.Module):
             return preconditioned_velocity(raw, noisy_target, s)
         return self._dit(noisy_target, sigma, cond)
 
+    def attention_mask(self, cond: Conditioning, device: torch.device) -> PhraseRowMask | None:
+        """The mask this model's ``attention`` mode puts on ``cond`` (``None``: stock attention)."""
+        if self.attention == "full":
+            return None
+        return cond.phrase_mask(device, routed=self.attention == "routed")
+
     def _dit(self, noisy_target: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The DiT's raw output on the target tokens."""
         layout = cond.layout
@@ -238,10 +242,9 @@ class CAGModel(nn.Module):
             [noisy_target, cond.ref_tokens.to(noisy_target.dtype)], dim=1
         )
         kwargs: dict[str, Any] = {}
-        if self.attention == "masked":
-            mask = cond.phrase_mask(noisy_target.device)
-            if mask is not None:
-                kwargs["cag_mask"] = mask
+        mask = self.attention_mask(cond, noisy_target.device)
+        if mask is not None:
+            kwargs["cag_mask"] = mask
         out = self.transformer(
             hidden_states=hidden,
             encoder_hidden_states=cond.prompts.hidden.to(noisy_target.dtype),
@@ -307,7 +310,7 @@ class CAGModel(nn.Module):
         pred = self.predict(xt, sigma, cond)
         weight = compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=s).to(pred.dtype)
         loss = (weight * (pred.float() - (noise - x0).float()) ** 2).mean()
-        mask = cond.phrase_mask(device) if self.attention == "masked" else None
+        mask = self.attention_mask(cond, device)
         info = {
             "vae_dropped": float(drop_refs),
             "text_dropped": float(sum(drop_text)) / bsz,

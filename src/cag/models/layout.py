@@ -88,18 +88,25 @@ class TokenLayout:
         grids = [self.target_grid] + (self.ref_grids if self.refs_present else [])
         return [[(1, h, w) for h, w in grids] for _ in range(self.batch_size)]
 
-    def phrase_mask(self) -> PhraseRowMask | None:
-        """Eq. 9 as a per-row key mask for the phrase tokens; ``None`` when the batch has no grounded phrase."""
+    def phrase_mask(self, routed: bool = False) -> PhraseRowMask | None:
+        """Eq. 9 as a per-row key mask for the phrase tokens; ``None`` when the batch has no grounded phrase.
+
+        ``routed=True`` adds docs/design.md, 'Routed attention': every other text row and every
+        target row sees only text (no image-pad token) and the target, each reference's rows see only
+        that reference; the result is never ``None`` then, since the rule holds without phrases too.
+        """
         b, t = self.text_mask.shape
         length = self.joint_len
         key_padding = torch.ones(b, length, dtype=torch.bool)
         key_padding[:, :t] = self.text_mask
         per_sample_rows: list[dict[int, torch.Tensor]] = []
+        bases: list[torch.Tensor] = []
         segments = self.image_segments
         for i in range(b):
             base = torch.zeros(length, dtype=torch.bool)
             base[:t] = self.text_mask[i] & ~self.image_pad[i]  # instruction/template text, never reference VLM tokens
             base[t + segments[0][0] : t + segments[0][1]] = True  # target latents
+            bases.append(base)
             rows: dict[int, torch.Tensor] = {}
             for binding in self.phrases[i] if i < len(self.phrases) else []:
                 allowed = base.clone()
@@ -113,7 +120,7 @@ class TokenLayout:
                     rows[pos] = rows[pos] | allowed if pos in rows else allowed
             per_sample_rows.append(rows)
         p = max((len(r) for r in per_sample_rows), default=0)
-        if p == 0:
+        if p == 0 and not routed:
             return None
         rows_t = torch.zeros(b, p, dtype=torch.long)
         valid = torch.zeros(b, p, dtype=torch.bool)
@@ -123,4 +130,13 @@ class TokenLayout:
                 rows_t[i, j] = pos
                 valid[i, j] = True
                 allowed_t[i, j] = rows[pos]
-        return PhraseRowMask(rows=rows_t, valid=valid, allowed=allowed_t, key_padding=key_padding)
+        if not routed:
+            return PhraseRowMask(rows=rows_t, valid=valid, allowed=allowed_t, key_padding=key_padding)
+        text_rows = torch.stack(bases)
+        blocks = [(t + segments[0][0], t + segments[0][1], text_rows)]  # target rows: text and target
+        for start, end in segments[1:]:
+            own = torch.zeros(b, length, dtype=torch.bool)
+            own[:, t + start : t + end] = True  # a reference's rows: that reference only
+            blocks.append((t + start, t + end, own))
+        return PhraseRowMask(rows=rows_t, valid=valid, allowed=allowed_t, key_padding=key_padding,
+                             text_rows=text_rows, text_len=t, blocks=tuple(blocks))

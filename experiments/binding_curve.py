@@ -47,7 +47,7 @@ def curve_rows(runs: Sequence[tuple[str, Sequence[str]]]) -> list[dict[str, obje
     return rows
 
 
-def write_curve(rows: Sequence[dict[str, object]], out: Path) -> list[Path]:
+def write_curve(rows: Sequence[dict[str, object]], out: Path, budget: int = 1500) -> list[Path]:
     from cag.utils import plots  # local: matplotlib is a slow import
 
     out.mkdir(parents=True, exist_ok=True)
@@ -72,7 +72,9 @@ def write_curve(rows: Sequence[dict[str, object]], out: Path) -> list[Path]:
         ax.set_ylim(0, 1)
         ax.set_xlabel("training step")
         ax.set_ylabel(f"{col} rate (share of subjects)")
-        plots.axes_title(ax, f"{col.capitalize()} on the level-3 test split (95 % CI)")
+        ax.axvline(budget, color="grey", linestyle=":", linewidth=1)
+        ax.text(budget, 0.97, " study budget", va="top", fontsize="small", color="grey")
+        plots.axes_title(ax, f"{col.capitalize()}, level-3 test split (95 % CI)")
     axes[0][1].legend(fontsize="x-small")
     png = out / "binding_curve.png"
     plots.save(fig, png)
@@ -84,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     ap.add_argument("--run", nargs="+", action="append", required=True, metavar="LABEL STEP=EVAL_DIR",
                     help="a run's label, then its points")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--budget", type=int, default=1500, help="steps of the study budget, drawn as a line (default 1500)")
     args = ap.parse_args(argv)
     runs = []
     for spec in args.run:
@@ -97,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     for r in rows:
         print(f"{r['run']:<40} step {r['step']:>6}: bound {r['bound']:.2f} [{r['bound_lo']:.2f}, {r['bound_hi']:.2f}]"
               f"  swapped {r['swapped']:.2f} [{r['swapped_lo']:.2f}, {r['swapped_hi']:.2f}]  subjects PF {r['pf_subjects']:.2f}")
-    paths = write_curve(rows, args.out)
+    paths = write_curve(rows, args.out, args.budget)
     print("wrote " + ", ".join(map(str, paths)))
     return paths
 

@@ -314,6 +314,10 @@ def _same_dir(a: str | os.PathLike[str] | None, b: Path) -> bool:
 
 
 def _finished_run_for(client: Any, exp_id: str | None, job: Job, max_steps: int | None, base_sha: str | None) -> Any:
+    from cag.tracking import (
+        run_param,  # local: loads mlflow and lightning, which the tables alone do not need
+    )
+
     if exp_id is None:
         return None
     runs = client.search_runs([exp_id], filter_string="attributes.status = 'FINISHED'",
@@ -322,7 +326,7 @@ def _finished_run_for(client: Any, exp_id: str | None, job: Job, max_steps: int 
         p, t = run.data.params, run.data.tags
         if not (_same_dir(t.get("output_dir"), job.run_dir) and job.config.matches(p) and p.get("seed") == str(job.seed)):
             continue
-        if max_steps is not None and p.get("trainer/max_steps") not in (None, str(max_steps)):
+        if max_steps is not None and run_param(run, "trainer/max_steps") not in (None, str(max_steps)):
             continue
         if p.get("init_from_sha256") != base_sha:  # a from-scratch run is no fine-tune, nor one of another base
             continue

@@ -16,6 +16,7 @@ from cag.tracking import (
     MODEL_TRAINING_KIND,
     describe_data,
     mark_model_training_experiment,
+    run_param,
 )
 from cag.train import train
 
@@ -68,3 +69,39 @@ def test_shard_datasets_are_named_by_folder_and_digested_by_content(tmp_path):
     assert changed.digest != first.digest
     val = describe_data(CAGDataModule(source="shards", urls=pattern, val_urls=shards[0]))
     assert [c for _, c in val] == ["training", "validation"]
+
+
+def _resumable_cfg(tmp_path: Path, uri: str, out: str, *overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["data.batch_size=2", "data.val_samples=0", "seed=5",
+                                                      "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+                                                      "logger.mlflow.run_name=piece", *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / out)
+        cfg.logger.mlflow.tracking_uri = uri
+        cfg.callbacks.validation_grid = None
+    return cfg
+
+
+def test_a_resumed_training_goes_on_logging_into_its_mlflow_run(tmp_path):
+    """One run in `mlflow ui` for a training stopped and resumed: its loss curve continues, its params keep their
+    first values (MLflow params are immutable) and the changed ones are kept as resumed/ tags."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    train(_resumable_cfg(tmp_path, uri, "out", "trainer.max_steps=2"))
+    train(_resumable_cfg(tmp_path, uri, "out", "trainer.max_steps=4", "ckpt_path=auto"))
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("cag").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [0, 1, 2, 3]
+    assert run.data.params["trainer/max_steps"] == "2" and run.data.tags["resumed/trainer/max_steps"] == "4"
+    assert run.data.tags["resumed/from"].endswith("last.ckpt")
+    assert run_param(run, "trainer/max_steps") == "4" and run_param(run, "seed") == "5"  # what a sweep matches on
+
+    # the same checkpoint resumed into another store (its run is not there) starts a run of its own there
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    last = tmp_path / "out" / "checkpoints" / "last.ckpt"
+    train(_resumable_cfg(tmp_path, other, "elsewhere", "trainer.max_steps=5", f"ckpt_path={last}"))
+    client = MlflowClient(other)
+    (fresh,) = client.search_runs([client.get_experiment_by_name("cag").experiment_id])
+    assert fresh.info.run_id != run.info.run_id and "resumed/from" not in fresh.data.tags
+    assert fresh.data.params["trainer/max_steps"] == "5"

@@ -183,14 +183,14 @@ def test_a_fine_tune_with_another_seed_reads_text_with_its_bases_frozen_vlm(tmp_
 
     # resumed, it is still the base's fine-tune: the same frozen VLM, the base's digest on its MLflow run
     resumed = _cfg(tmp_path, "trainer.max_steps=2", "data.epoch_batches=1", f"init_from={base}", "seed=7",
-                   f"ckpt_path={finetuned}", "logger.mlflow.run_name=resumed-finetune")
+                   f"ckpt_path={finetuned}")
     with open_dict(resumed):
         resumed.paths.output_dir = str(tmp_path / "finetune")
         resumed.callbacks.first = {"_target_": "tests.test_train._FirstWeightsCallback"}
     assert train(resumed)["global_step"] == 2
     assert _same_tensors(_FIRST_VLM, vlm_seed0)
     runs = _runs(tmp_path)
-    row = runs[runs["tags.mlflow.runName"] == "resumed-finetune"].iloc[0]
+    row = runs[runs["tags.resumed/from"].fillna("") == str(finetuned)].iloc[0]  # the fine-tune's run, continued
     assert row["params.init_from_sha256"] == hashlib.sha256(Path(base).read_bytes()).hexdigest()
 
     scratch = _cfg(tmp_path, "trainer.max_steps=1", "data.epoch_batches=1", "seed=7")

@@ -34,6 +34,7 @@ CHECKPOINT_NAME = "last.ckpt"
 WEIGHTS_FORMAT = "cag-dit-weights/1"
 WEIGHTS_SUFFIX = ".safetensors"
 METADATA_KEY = "cag"
+MLFLOW_RUN_KEY = "mlflow_run_id"  # the MLflow run a training checkpoint's run logged to (a resume continues it)
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "models" / "assets"
 _HP_KEYS = ("model", "attention", "ref_positions", "weights_seed")
 CHECKPOINT_ROOTS = ("outputs/train", "multirun/train")

@@ -22,8 +22,10 @@ from typing import Any
 import lightning as L
 import torch
 from diffusers.optimization import get_scheduler
+from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
+from cag.checkpoints import MLFLOW_RUN_KEY
 from cag.data.batching import select_samples
 from cag.data.cache import CachedConditioning
 from cag.models.cag_model import CAGModel, build_cag_model
@@ -291,6 +293,12 @@ class CAGLightningModule(L.LightningModule):
         # the step's random draws (VAE/text dropout, timesteps, noise on the CPU and on the GPU)
         # continue exactly after a resume
         checkpoint.update(capture_rng_state(self._training_device()))
+        # the MLflow run this training logs to: a resume continues it (src/train.py)
+        trainer = getattr(self, "_trainer", None)
+        run_id = next((lg.run_id for lg in (trainer.loggers if trainer is not None else []) if isinstance(lg, MLFlowLogger)),
+                      None)
+        if run_id:
+            checkpoint[MLFLOW_RUN_KEY] = run_id
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if outputs is not None:  # None: the step was skipped (non-finite loss)

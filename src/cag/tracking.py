@@ -19,7 +19,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 from mlflow.entities import Dataset, DatasetInput, InputTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -28,6 +32,52 @@ log = logging.getLogger(__name__)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 _EDGE_BYTES = 1 << 16  # bytes read from each end of a shard for its digest
+
+
+PARAM_CHARS = 250  # what Lightning's MLFlowLogger keeps of a param value
+RESUMED_TAG = "resumed/"  # prefix of the tags that hold a continued run's changed params
+
+
+class ResumableMLFlowLogger(MLFlowLogger):
+    """Lightning's MLFlowLogger that can continue a run after a resume without rewriting its params.
+
+    A run stopped and resumed from ``last.ckpt`` (preemption, a session's end) stays one MLflow run
+    with unbroken curves when ``run_id`` names it (``src/train.py`` passes the checkpoint's run). MLflow
+    params are immutable and a resume changes some (``ckpt_path``, often ``trainer.max_steps``): on a
+    continued run a param keeps the value it was first logged with, and a changed one is kept as the
+    tag ``resumed/<key>`` (the latest resume's value).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.continued = kwargs.get("run_id") is not None  # an existing run, not one this logger creates
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any) -> None:
+        if not self.continued:
+            super().log_hyperparams(params)
+            return
+        flat = {k: str(v)[:PARAM_CHARS] for k, v in _flatten_dict(_convert_params(params)).items()}
+        logged = self.experiment.get_run(self.run_id).data.params
+        super().log_hyperparams({k: v for k, v in flat.items() if k not in logged})
+        for key, value in flat.items():
+            if key in logged and logged[key] != value:
+                self.experiment.set_tag(self.run_id, RESUMED_TAG + key, value)
+
+
+def run_param(run: Any, key: str) -> str | None:
+    """A training run's current value of a param: on a continued run the latest resume's value wins."""
+    return run.data.tags.get(RESUMED_TAG + key, run.data.params.get(key))
+
+
+def existing_run(tracking_uri: str, run_id: str | None) -> bool:
+    """Whether ``run_id`` is a live run of the store at ``tracking_uri`` (a deleted or unknown run is not)."""
+    if not run_id:
+        return False
+    try:
+        return MlflowClient(tracking_uri).get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
 
 
 def mark_model_training_experiment(client: MlflowClient, experiment_id: str) -> None:

@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cag.checkpoints import (
+    MLFLOW_RUN_KEY,
     SHIPPED_WEIGHTS,
     WEIGHTS_SUFFIX,
     CheckpointLoadError,
@@ -29,7 +30,7 @@ from cag.lightning_module import CAGLightningModule
 from cag.models.attention import ATTENTION_MODES
 from cag.models.positions import REF_POSITION_MODES
 from cag.parallel import avoid_double_checkpointing
-from cag.tracking import log_training_run_metadata
+from cag.tracking import existing_run, log_training_run_metadata
 from cag.utils.config import ConfigError, flatten_config
 from cag.utils.logs import setup_logging
 
@@ -82,7 +83,7 @@ def check_resume_checkpoint(path: str | None) -> dict[str, Any]:
     """A missing or unreadable ``ckpt_path`` is named before anything is built (loaded without unpickling code).
 
     Returns the checkpoint's hyper-parameters (empty without one, or for a sharded folder), which
-    rebuild the resumed run's frozen parts.
+    rebuild the resumed run's frozen parts, and under ``MLFLOW_RUN_KEY`` the MLflow run it logged to.
 
     The file is memory-mapped, not read: Lightning loads it again when training starts, and a
     full load here would hold a second copy of the weights and optimizer state (for the real
@@ -98,9 +99,10 @@ def check_resume_checkpoint(path: str | None) -> dict[str, Any]:
     if not Path(path).is_file():  # a folder is a sharded (distributed) checkpoint: Lightning's strategy reads it
         return {}
     try:
-        return dict(read_checkpoint(path, need_model_config=False, mmap=True).get("hyper_parameters") or {})
+        ckpt = read_checkpoint(path, need_model_config=False, mmap=True)
     except CheckpointLoadError as exc:
         raise ConfigError(f"ckpt_path={exc}") from exc
+    return {**dict(ckpt.get("hyper_parameters") or {}), MLFLOW_RUN_KEY: ckpt.get(MLFLOW_RUN_KEY)}
 
 
 AUTO_RESUME = "auto"
@@ -172,6 +174,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             cfg.logger.mlflow.tags = {"tags": ",".join(cfg.get("tags", [])), "attention": cfg.attention,
                                       "vae_dropout": str(cfg.vae_dropout),
                                       "output_dir": str(cfg.paths.output_dir)}  # known even if the run crashes
+            # a resume goes on logging into the run its checkpoint logged to, when that run is in this store
+            if not cfg.logger.mlflow.get("run_id") and existing_run(cfg.logger.mlflow.tracking_uri,
+                                                                    resumed.get(MLFLOW_RUN_KEY)):
+                cfg.logger.mlflow.run_id = resumed[MLFLOW_RUN_KEY]
+                log.info("resuming MLflow run %s", cfg.logger.mlflow.run_id)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("fit")  # user data (manifest) is validated here, before a model is built or a run is logged
     loggers = instantiate_group(cfg.get("logger"))
@@ -192,6 +199,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for lg in loggers:
         lg.log_hyperparams(flatten_config(cfg))
         if isinstance(lg, MLFlowLogger):  # experiment kind (runs table first) and what this run trains on
+            if getattr(lg, "continued", False):  # the interrupted piece ended FAILED or KILLED: running again
+                lg.experiment.update_run(lg.run_id, status="RUNNING")
+                lg.experiment.set_tag(lg.run_id, "resumed/from", str(cfg.ckpt_path))
             log_training_run_metadata(lg.experiment, lg.experiment_id, lg.run_id, datamodule)
             if base is not None:  # which base a fine-tune started from, by content
                 lg.experiment.log_param(lg.run_id, "init_from_sha256", base[1])

@@ -314,9 +314,8 @@ def _same_dir(a: str | os.PathLike[str] | None, b: Path) -> bool:
 
 
 def _finished_run_for(client: Any, exp_id: str | None, job: Job, max_steps: int | None, base_sha: str | None) -> Any:
-    from cag.tracking import (
-        run_param,  # local: loads mlflow and lightning, which the tables alone do not need
-    )
+    # local: cag.tracking loads mlflow and lightning, which the tables alone do not need
+    from cag.tracking import run_param
 
     if exp_id is None:
         return None

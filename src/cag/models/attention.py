@@ -77,12 +77,10 @@ class PhraseRowMask:
                 self._head = (0, None)
             else:
                 b, length = self.key_padding.shape
-                if self.text_rows is not None:
-                    r = self.text_len
-                    mask = self.text_rows[:, None, :].expand(b, r, length).clone()
-                else:
-                    r = int(self.rows[self.valid].max()) + 1
-                    mask = self.key_padding[:, None, :].expand(b, r, length).clone()
+                routed = self.text_rows is not None
+                r = self.text_len if routed else int(self.rows[self.valid].max()) + 1
+                other_rows = self.text_rows if routed else self.key_padding  # the keys of a non-phrase row
+                mask = other_rows[:, None, :].expand(b, r, length).clone()
                 bi, pi = self.valid.nonzero(as_tuple=True)
                 mask[bi, self.rows[bi, pi]] = self.allowed[bi, pi]
                 self._head = (r, mask[:, None])
